@@ -1,0 +1,1 @@
+"""Offline preprocessing: raw corpora -> codec codes -> sharded WebDataset tars (resumable, parallel)."""
