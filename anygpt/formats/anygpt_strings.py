@@ -41,6 +41,9 @@ def string_to_codes(layout: VocabLayout, span: str) -> tuple[str, np.ndarray]:
             leftover = pat.sub("", body).strip()
             if leftover:
                 raise AnyGPTStringError(f"{m.name} span holds unexpected text {leftover[:30]!r}")
+            bad = [n for n in numbers if n >= m.size]
+            if bad:
+                raise AnyGPTStringError(f"{m.name}: token <{m.prefix}{bad[0]}> out of range [0, {m.size})")
             ids = np.asarray(numbers, dtype=np.int64) + m.offset
             try:
                 codes, dropped = layout.ids_to_codes(m.name, ids)

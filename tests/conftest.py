@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny tokenizers (ours and AnyGPT-style), built once per test session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch a hub; fail fast instead of hanging on a network call.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+CORPUS = [
+    "a red circle on the left", "a blue square at the top", "a green triangle in the middle",
+    "the speaker says hello world", "a slow song in a minor key played on piano",
+    "three yellow stars on a white background", "please describe the picture",
+    "transcribe the following speech", "compose a cheerful tune", "one two three four five",
+] * 20
+
+
+def make_tiny_tokenizer(out_dir: Path) -> Path:
+    """Tiny SentencePiece tokenizer with our layout's added tokens (the real code path)."""
+    from anygpt.text_tokenizer import prepare_tokenizer, train_tiny_tokenizer
+
+    raw = train_tiny_tokenizer(CORPUS, out_dir / "raw", vocab_size=320)
+    prepare_tokenizer(raw, out_dir / "tok")
+    return out_dir / "tok"
+
+
+def make_anygpt_style_tokenizer(out_dir: Path, break_contiguity: bool = False) -> Path:
+    """A tokenizer laid out like the released AnyGPT ones (roles, then per modality <prefixN> + markers)."""
+    from anygpt.text_tokenizer import load_tokenizer, train_tiny_tokenizer
+
+    raw = train_tiny_tokenizer(CORPUS, out_dir / "raw", vocab_size=320)
+    tok = load_tokenizer(raw)
+    tok.add_tokens(["[Human]", "[MMGPT]", "<eoh>", "<eos>"])
+    for prefix, n, start, end in [("👀", 8192, "<soim>", "<eoim>"), ("🗣️", 1024, "<sosp>", "<eosp>"),
+                                  ("🎶", 8192, "<somu>", "<eomu>")]:
+        tokens = [f"<{prefix}{i}>" for i in range(n)]
+        if break_contiguity and prefix == "🗣️":
+            tokens[10], tokens[11] = tokens[11], tokens[10]
+        tok.add_tokens(tokens + [start, end])
+    tok.save_pretrained(str(out_dir / "anygpt_tok"))
+    return out_dir / "anygpt_tok"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    from anygpt.text_tokenizer import load_tokenizer
+
+    return load_tokenizer(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_layout(tiny_tokenizer):
+    from anygpt.layout import VocabLayout
+
+    return VocabLayout.from_tokenizer(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def anygpt_tokenizer_dir(tmp_path_factory) -> Path:
+    return make_anygpt_style_tokenizer(tmp_path_factory.mktemp("anygpt_tokenizer"))
