@@ -1,0 +1,294 @@
+"""Typed settings of a preprocessing run: what to read, how to filter, where and how to write.
+
+A recipe (YAML, :mod:`data_pipeline.recipes`) fills the same dataclasses as the command line; command
+line flags override the recipe.  Everything is validated by :meth:`PreprocessOptions.validate`
+*before* any file is written or any worker starts, and every problem is one
+:class:`PreprocessError` line naming the setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from anygpt.config import ConfigError
+
+SOURCES = ("manifest", "librispeech", "commonvoice", "wds-pairs", "anygpt-jsonl", "conversations")
+MODALITIES = ("speech", "image", "music")
+AUDIO_MODALITIES = ("speech", "music")
+Source = Literal["manifest", "librispeech", "commonvoice", "wds-pairs", "anygpt-jsonl", "conversations"]
+
+
+class PreprocessError(ConfigError):
+    """A setting or input path that makes the run impossible (one line, raised before any work)."""
+
+
+@dataclass
+class Limits:
+    """Duration limits for one audio modality (override the global ones in :class:`Filters`)."""
+
+    min_seconds: Optional[float] = None
+    max_seconds: Optional[float] = None
+    clip_seconds: Optional[float] = None
+
+
+@dataclass
+class Filters:
+    """What makes an input unusable (skipped and counted) and what is merely trimmed.
+
+    Attributes:
+        min_text_chars: pair texts shorter than this (after text normalisation) are skipped; an
+            empty text is always ``empty_text`` (conversations only need every turn non-empty).
+        max_text_chars: longer pair texts are skipped (``text_too_long``), not truncated: a cut
+            caption no longer describes its picture.
+        drop_text_matching: regular expressions searched in the text *as read* (before
+            normalisation); a match skips the input (``text_filtered``), e.g. GigaSpeech's
+            ``<SIL>``/``<MUSIC>`` garbage utterances.
+        min_seconds / max_seconds: audio whose *original* duration lies outside is skipped
+            (``too_short`` / ``too_long``).
+        clip_seconds: longer audio is truncated to this many seconds (``json.media[k].truncated``).
+        speech / music: per-modality overrides of the three duration settings.
+        min_image_side: images whose shorter side is smaller are skipped (``image_too_small``).
+        max_aspect_ratio: images with long/short side above this are skipped (``bad_aspect_ratio``).
+        min_meta / max_meta: numeric bounds on ``meta`` fields (e.g. ``aesthetic: 5.0``,
+            ``up_votes: 2``); a missing or non-numeric field fails the bound (``meta_filtered``).
+    """
+
+    min_text_chars: int = 1
+    max_text_chars: Optional[int] = None
+    drop_text_matching: list[str] = field(default_factory=list)
+    min_seconds: Optional[float] = None
+    max_seconds: Optional[float] = None
+    clip_seconds: Optional[float] = None
+    speech: Optional[Limits] = None
+    music: Optional[Limits] = None
+    min_image_side: Optional[int] = None
+    max_aspect_ratio: Optional[float] = None
+    min_meta: dict[str, float] = field(default_factory=dict)
+    max_meta: dict[str, float] = field(default_factory=dict)
+
+    def limits(self, modality: str) -> Limits:
+        """Effective duration limits of an audio modality (override, else the global ones)."""
+        base = Limits(self.min_seconds, self.max_seconds, self.clip_seconds)
+        over = getattr(self, modality, None) if modality in AUDIO_MODALITIES else None
+        if over is None:
+            return base
+        return Limits(*(getattr(over, f.name) if getattr(over, f.name) is not None else getattr(base, f.name)
+                        for f in dataclasses.fields(Limits)))
+
+
+@dataclass
+class TextOptions:
+    """Text normalisation applied to every caption/transcript/conversation text before filtering.
+
+    ``replace`` is literal (applied in the order given), e.g. GigaSpeech's ``" <COMMA>": ","``.
+    """
+
+    strip: bool = True
+    collapse_whitespace: bool = True
+    lowercase: bool = False
+    replace: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Fields:
+    """Where a reader finds things in a row/record (dotted paths reach into nested JSON).
+
+    Attributes:
+        id: the sample id field (default: ``id``, else a row number).
+        text: the text field, or a list tried in order (first non-empty wins); for ``wds-pairs``
+            ``txt`` means the ``.txt`` member and ``json.caption`` a field of the ``.json`` member.
+        media: the field holding the media path (default: the column named like the modality).
+        media_template: build the media path from row fields instead, e.g. ``audio/{ytid}.wav``.
+        start / end: fields with segment bounds in seconds (a clip cut out of a longer file).
+        meta: fields copied into ``json.meta`` (values kept as read).
+    """
+
+    id: Optional[str] = None
+    text: Union[str, list[str], None] = None
+    media: Optional[str] = None
+    media_template: Optional[str] = None
+    start: Optional[str] = None
+    end: Optional[str] = None
+    meta: list[str] = field(default_factory=list)
+
+    def text_fields(self, default: list[str]) -> list[str]:
+        if self.text is None:
+            return list(default)
+        return [self.text] if isinstance(self.text, str) else list(self.text)
+
+
+@dataclass
+class ReaderOptions:
+    """Reader-specific switches (each reader reads only the ones it knows).
+
+    Attributes:
+        format: manifest format ``auto`` (by suffix) | ``jsonl`` | ``csv`` | ``tsv``.
+        media_root: directory media paths are relative to (default: the manifest's directory).
+        split: Common Voice TSV to read (``validated``, ``train``, ``dev``, ``test``...).
+        audio_ext: audio suffixes tried for LibriSpeech/MLS utterances, in order.
+        image_ext / audio_member_ext: member suffixes recognised as media in ``wds-pairs`` tars.
+        conversation_key: record field holding the turns (``conversations``/``anygpt-jsonl``);
+            default: first of ``conversation``, ``conversations``, ``chat``, ``messages``.
+    """
+
+    format: Literal["auto", "jsonl", "csv", "tsv"] = "auto"
+    media_root: Optional[str] = None
+    split: str = "validated"
+    audio_ext: list[str] = field(default_factory=lambda: [".flac", ".wav", ".opus", ".mp3", ".ogg"])
+    image_ext: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp"])
+    audio_member_ext: list[str] = field(default_factory=lambda: ["flac", "wav", "mp3", "ogg", "opus"])
+    conversation_key: Optional[str] = None
+
+
+@dataclass
+class PreprocessOptions:
+    """One preprocessing run (one rank).  ``codecs=None`` with ``tiny=True`` uses the tiny codecs."""
+
+    source: Optional[str] = None
+    input: Optional[str] = None
+    out: Optional[str] = None
+    codecs: Optional[str] = None
+    tiny: bool = False
+    workers: int = 1
+    shard_size: int = 1000
+    shard_bytes: Optional[int] = None
+    rank: Optional[int] = None
+    world_size: Optional[int] = None
+    prefix: str = "shard"
+    batch_size: int = 16
+    device: str = "auto"
+    limit: Optional[int] = None
+    modality: Optional[str] = None
+    corpus: Optional[str] = None
+    recipe: Optional[str] = None
+    overwrite: bool = False
+    progress: Optional[bool] = None
+    fields: Fields = field(default_factory=Fields)
+    filters: Filters = field(default_factory=Filters)
+    text: TextOptions = field(default_factory=TextOptions)
+    reader: ReaderOptions = field(default_factory=ReaderOptions)
+
+    # ------------------------------------------------------------------ validation
+    def resolve_rank(self) -> tuple[int, int]:
+        """``--rank/--world-size``, else torchrun's ``RANK/WORLD_SIZE``, else SLURM's, else ``0/1``."""
+        rank, world = self.rank, self.world_size
+        env = os.environ
+        for r_key, w_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+            if rank is None and world is None and r_key in env and w_key in env:
+                try:
+                    rank, world = int(env[r_key]), int(env[w_key])
+                except ValueError:
+                    raise PreprocessError(f"{r_key}/{w_key}: not integers ({env[r_key]!r}, {env[w_key]!r})") from None
+        if (rank is None) != (world is None):
+            raise PreprocessError("--rank and --world-size go together")
+        rank = 0 if rank is None else rank
+        world = 1 if world is None else world
+        if world < 1:
+            raise PreprocessError(f"--world-size: must be >= 1, got {world}")
+        if not 0 <= rank < world:
+            raise PreprocessError(f"--rank: {rank} is outside [0, {world})")
+        return rank, world
+
+    def needs_codecs(self) -> bool:
+        return self.source != "anygpt-jsonl"
+
+    def validate(self) -> None:
+        """Raise :class:`PreprocessError` on the first bad setting; touches no output."""
+        if self.source is None:
+            raise PreprocessError("--source: required (or a recipe that names one)")
+        if self.source not in SOURCES:
+            raise PreprocessError(f"--source: {self.source!r} is not one of {', '.join(SOURCES)}")
+        if not self.input:
+            raise PreprocessError("--input: required")
+        if not Path(self.input).exists():
+            raise PreprocessError(f"--input: {self.input} does not exist")
+        if not self.out:
+            raise PreprocessError("--out: required")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise PreprocessError(f"--out: {self.out} exists and is not a directory")
+        if self.codecs and self.tiny:
+            raise PreprocessError("--codecs and --tiny are exclusive")
+        if self.needs_codecs() and not self.codecs and not self.tiny:
+            raise PreprocessError(f"source {self.source!r} encodes media: give --codecs DIR or --tiny")
+        if self.codecs and not Path(self.codecs).is_dir():
+            raise PreprocessError(f"--codecs: {self.codecs} is not a directory")
+        for name in ("workers", "shard_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise PreprocessError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        if self.shard_bytes is not None and self.shard_bytes < 1024:
+            raise PreprocessError(f"--shard-bytes: must be >= 1024, got {self.shard_bytes}")
+        if self.limit is not None and self.limit < 0:
+            raise PreprocessError(f"--limit: must be >= 0, got {self.limit}")
+        if self.modality is not None and self.modality not in MODALITIES:
+            raise PreprocessError(f"--modality: {self.modality!r} is not one of {', '.join(MODALITIES)}")
+        if not re.fullmatch(r"[A-Za-z0-9_]+", self.prefix or ""):
+            raise PreprocessError(f"--prefix: {self.prefix!r} must match [A-Za-z0-9_]+ (no '-' or '.')")
+        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
+            raise PreprocessError(f"--device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+        f = self.filters
+        for name in ("min_seconds", "max_seconds", "clip_seconds", "max_aspect_ratio"):
+            for scope, obj in (("filters", f), ("filters.speech", f.speech), ("filters.music", f.music)):
+                v = getattr(obj, name, None) if obj is not None else None
+                if v is not None and v <= 0:
+                    raise PreprocessError(f"{scope}.{name}: must be > 0, got {v}")
+        for m in AUDIO_MODALITIES:
+            lim = f.limits(m)
+            if lim.min_seconds is not None and lim.max_seconds is not None and lim.min_seconds > lim.max_seconds:
+                raise PreprocessError(f"filters: {m} min_seconds {lim.min_seconds} > max_seconds {lim.max_seconds}")
+        if f.min_text_chars < 0:
+            raise PreprocessError(f"filters.min_text_chars: must be >= 0, got {f.min_text_chars}")
+        if f.max_text_chars is not None and f.max_text_chars < max(1, f.min_text_chars):
+            raise PreprocessError(f"filters.max_text_chars: {f.max_text_chars} is below min_text_chars")
+        if f.max_aspect_ratio is not None and f.max_aspect_ratio < 1:
+            raise PreprocessError(f"filters.max_aspect_ratio: must be >= 1, got {f.max_aspect_ratio}")
+        for pat in f.drop_text_matching:
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise PreprocessError(f"filters.drop_text_matching: bad regular expression {pat!r} ({e})") from None
+        if self.fields.media_template is not None:
+            try:
+                names = [n for _, n, _, _ in string.Formatter().parse(self.fields.media_template) if n]
+            except ValueError as e:
+                raise PreprocessError(f"fields.media_template: {e}") from None
+            if not names:
+                raise PreprocessError("fields.media_template: names no field (e.g. 'audio/{ytid}.wav')")
+        self.resolve_rank()
+
+    # ------------------------------------------------------------------ identity of the output
+    def fingerprint(self) -> dict[str, Any]:
+        """Settings that determine the output; a rerun into the same OUT must match them.
+
+        Workers, rank, world size, device and progress are deliberately absent: they change who
+        writes which shard, never what a shard holds.
+        """
+        from anygpt.config import to_dict
+
+        return {
+            "format": 1,
+            "source": self.source,
+            "input": str(Path(self.input).resolve()) if self.input else None,
+            "codecs": "tiny" if self.tiny else (str(Path(self.codecs).resolve()) if self.codecs else None),
+            "shard_size": self.shard_size,
+            "shard_bytes": self.shard_bytes,
+            "prefix": self.prefix,
+            "batch_size": self.batch_size,
+            "limit": self.limit,
+            "modality": self.modality,
+            "corpus": self.corpus,
+            "fields": to_dict(self.fields),
+            "filters": to_dict(self.filters),
+            "text": to_dict(self.text),
+            "reader": to_dict(self.reader),
+        }
+
+    def fingerprint_hash(self) -> str:
+        blob = json.dumps(self.fingerprint(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
