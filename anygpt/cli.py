@@ -15,7 +15,8 @@ from typing import Callable
 # "module:function" registering one subcommand each, in the order `anygpt --help` lists them.
 SUBCOMMANDS = [
     "anygpt.cli:add_layout_parser",
-    # "anygpt.modalities.cli:add_codec_parser",  (enabled when it lands)
+    "anygpt.modalities.cli:add_codec_parser",
+    "data_pipeline.cli:add_preprocess_parser",
 ]
 
 
