@@ -17,6 +17,9 @@ SUBCOMMANDS = [
     "anygpt.cli:add_layout_parser",
     "anygpt.modalities.cli:add_codec_parser",
     "data_pipeline.cli:add_preprocess_parser",
+    "anygpt.train.cli:add_train_parser",
+    "anygpt.train.cli:add_export_parser",
+    "anygpt.train.cli:add_plot_parser",
 ]
 
 
@@ -65,7 +68,7 @@ def build_parser(subcommands: list[str] = SUBCOMMANDS) -> argparse.ArgumentParse
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # subcommands take key=value overrides anywhere after their flags
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

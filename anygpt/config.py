@@ -176,6 +176,8 @@ class RunConfig:
     log_every: int = 10
     eval_every: int = 0
     """Evaluate on ``data.eval_shards`` every N steps (0 = only at the end when eval shards exist)."""
+    eval_max_batches: int = 0
+    """Batches per rank and evaluation (0 = the whole held-out set)."""
     seed: int = 0
     keep_last: int = 2
     """Checkpoints to keep (older complete ones are deleted after a newer one is complete)."""
@@ -183,6 +185,10 @@ class RunConfig:
     """Stop after this many non-finite losses in a row (each one is skipped and logged)."""
     tensorboard: bool = True
     wandb: bool = False
+    """Also log to Weights & Biases when the ``wandb`` package is installed (a warning otherwise)."""
+    wandb_project: str = "anygpt"
+    progress: bool = True
+    """Rank-0 progress bar (steps, tokens/s, ETA) on stderr."""
 
 
 @dataclass
@@ -197,11 +203,14 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny"
-    """``tiny`` (random, small, for tests/demo) or a local HF model directory (base LLaMA or an export)."""
+    """``tiny`` (random, small, for tests/demo), a local HF model directory (base LLaMA or an export), or a
+    training run/checkpoint directory (its weights; optimizer, schedule and data position start fresh)."""
     tokenizer: str | None = None
     """Tokenizer directory; defaults to the model directory (required for ``tiny``)."""
     activation_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    codecs: str | None = None
+    """Codecs directory the data was made with (``speech/``, ``music/``, ``image/``); copied into exports."""
 
 
 @dataclass
@@ -258,8 +267,9 @@ class TrainConfig:
                            ("data.seq_len", d.seq_len), ("run.max_nonfinite", r.max_nonfinite)]:
             if value <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {value}")
-        if r.eval_every < 0:
-            raise ConfigError(f"run.eval_every: must be >= 0, got {r.eval_every}")
+        for key, value in [("run.eval_every", r.eval_every), ("run.eval_max_batches", r.eval_max_batches)]:
+            if value < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {value}")
         if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
             raise ConfigError(f"optim.min_lr: need 0 <= min_lr <= lr (lr={o.lr}, min_lr={o.min_lr})")
         if o.warmup_steps < 0 or o.warmup_steps > r.max_steps:
