@@ -20,6 +20,8 @@ SUBCOMMANDS = [
     "anygpt.train.cli:add_train_parser",
     "anygpt.train.cli:add_export_parser",
     "anygpt.train.cli:add_plot_parser",
+    "anygpt.infer.cli:add_generate_parser",
+    "anygpt.infer.cli:add_chat_parser",
 ]
 
 

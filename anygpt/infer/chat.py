@@ -1,0 +1,436 @@
+"""Multi-turn multimodal chat: a REPL with line editing, file attachments and media answers.
+
+Every turn is rendered with the one template of ``anygpt.formats`` (the same the model was trained
+on), the answer is generated under the modality constraints, its media spans are rendered to files
+whose paths are printed, and the parsed answer joins the history.  The history is kept as parts
+(text and code arrays), not strings, so re-rendering it is exact; when it no longer fits the context
+next to room for an answer, the oldest exchanges are dropped with a notice.
+
+Input lines::
+
+    any text                  send it (with any pending attachments)
+    /image PATH [text]        attach an image (and send, when text follows)
+    /speech PATH [text]       attach speech
+    /music PATH [text]        attach music
+    /voice PATH | off         the voice to answer in (SoundStorm voice prompt)
+    /send                     send the pending attachments without text
+    /settings [MODE.F=V ...]  show or change sampling settings
+    /history  /reset  /save FILE  /help  /quit
+
+Bad input never ends the session: a missing or unreadable file, an unsupported format, over-long
+audio (cut to the limit with a notice), an empty line, an unknown command, Ctrl-C (at the prompt: a
+hint; while generating: the turn is discarded) each print one message.  EOF and ``/quit`` end it
+cleanly.  ``--script FILE|-`` reads the same lines from a file or stdin (tests, scripted demos).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TextIO
+
+import numpy as np
+
+from anygpt.formats import Conversation, Marker, Media, Part, Text, Turn
+from anygpt.infer.generation import ConsoleStreamer, ContextError
+from anygpt.infer.mediaio import MediaIO
+from anygpt.infer.settings import GenerationConfig, apply_setting_overrides, settings_table
+
+COMMANDS = ("/image", "/speech", "/music", "/voice", "/send", "/settings", "/history", "/reset", "/save",
+            "/help", "/quit", "/exit")
+
+HELP = """\
+Type a message and press Enter.  Commands:
+  /image PATH [text]      attach an image (sent at once when text follows)
+  /speech PATH [text]     attach a speech recording
+  /music PATH [text]      attach music
+  /send                   send pending attachments without text (an empty line does the same)
+  /voice PATH | off       answer speech in this voice (voice cloning); '/voice' shows the current one
+  /settings [M.F=V ...]   show or change sampling, e.g. /settings speech.temperature=0.8 all.top_p=0.9
+  /history                list the turns kept in context
+  /reset                  forget the conversation (settings and voice stay)
+  /save FILE              save the conversation as JSON (media as file paths)
+  /help                   this text
+  /quit                   leave (Ctrl-D too)
+Paths with spaces go in quotes; a line starting with '//' sends text that starts with '/'."""
+
+# The smallest answer worth generating: below this the prompt is "too long" rather than "tight".
+MIN_ANSWER_TOKENS = 16
+
+
+def split_path_arg(rest: str) -> tuple[str, str]:
+    """``'"my file.png" what is it'`` -> (``my file.png``, ``what is it``); unquoted paths end at a space."""
+    rest = rest.strip()
+    if not rest:
+        return "", ""
+    if rest[0] in "\"'":
+        end = rest.find(rest[0], 1)
+        if end < 0:
+            raise ValueError(f"unclosed quote in {rest!r}")
+        return rest[1:end], rest[end + 1:].strip()
+    path, _, text = rest.partition(" ")
+    return path, text.strip()
+
+
+class ChatSession:
+    """State and behaviour of one conversation (independent of where lines come from).
+
+    Args:
+        lm: a :class:`~anygpt.infer.loading.LoadedLM`.
+        media: encodes attachments and renders answers.
+        config: sampling settings (changed by ``/settings``).
+        out_dir: where generated media go.
+        system: system prompt (None: none, as in stage-1 and AnyGPT's release).
+        out: where answers and messages are printed.
+        answer_reserve: context tokens kept free for the answer when trimming history
+            (default: half the context, at most ``config.max_new_tokens``).
+        debug: print tracebacks of unexpected errors.
+    """
+
+    def __init__(self, lm: Any, media: MediaIO, config: GenerationConfig, out_dir: str | Path,
+                 system: str | None = None, out: TextIO | None = None, answer_reserve: int | None = None,
+                 debug: bool = False) -> None:
+        self.lm = lm
+        self.media = media
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.system = system
+        self.out = out or sys.stdout
+        self.answer_reserve = answer_reserve
+        self.debug = debug
+        self.history: list[Turn] = []
+        self.pending: list[Part] = []
+        self.voice: np.ndarray | None = None
+        self.voice_path: str | None = None
+        self.files: dict[int, str] = {}  # id(Media part) -> file it came from / was written to
+        self.turn_no = 0
+        self.dropped_total = 0
+
+    # ------------------------------------------------------------------ output helpers
+    def say(self, msg: str) -> None:
+        print(msg, file=self.out, flush=True)
+
+    def error(self, msg: str) -> None:
+        self.say(f"error: {msg}")
+
+    # ------------------------------------------------------------------ dispatch
+    def handle(self, line: str) -> bool:
+        """Process one input line; returns False when the session should end.
+
+        Never raises for bad input: every failure becomes one message.  ``KeyboardInterrupt`` is
+        handled inside generation (the turn is discarded) and otherwise left to the caller.
+        """
+        try:
+            return self._handle(line)
+        except (ValueError, OSError) as e:  # our errors: one line naming the file/option
+            self.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # anything else must not end a conversation either
+            self.error(f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            if self.debug:
+                traceback.print_exc(file=self.out)
+        return True
+
+    def _handle(self, line: str) -> bool:
+        text = line.rstrip("\r\n")
+        stripped = text.strip()
+        if not stripped:
+            if self.pending:
+                self.ask("")
+            else:
+                self.say("(empty line ignored: type a message, or /help)")
+            return True
+        if stripped.startswith("//"):
+            self.ask(stripped[1:])
+            return True
+        if not stripped.startswith("/"):
+            self.ask(stripped)
+            return True
+        cmd, _, rest = stripped.partition(" ")
+        cmd = cmd.lower()
+        if cmd in ("/quit", "/exit"):
+            return False
+        if cmd == "/help":
+            self.say(HELP)
+        elif cmd in ("/image", "/speech", "/music"):
+            self.attach(cmd[1:], rest)
+        elif cmd == "/voice":
+            self.set_voice(rest.strip())
+        elif cmd == "/send":
+            if self.pending:
+                self.ask(rest.strip())
+            else:
+                self.say("(nothing to send: attach a file first, or type a message)")
+        elif cmd == "/settings":
+            self.settings(rest.split())
+        elif cmd == "/history":
+            self.show_history()
+        elif cmd == "/reset":
+            self.history.clear()
+            self.pending.clear()
+            self.say("(conversation cleared; voice and settings kept)")
+        elif cmd == "/save":
+            path, _ = split_path_arg(rest)
+            if not path:
+                raise ValueError("/save needs a file name, e.g. /save chat.json")
+            self.say(f"saved {self.save(path)}")
+        else:
+            self.error(f"unknown command {cmd} (type /help)")
+        return True
+
+    # ------------------------------------------------------------------ commands
+    def attach(self, modality: str, rest: str) -> None:
+        path, text = split_path_arg(rest)
+        if not path:
+            raise ValueError(f"/{modality} needs a file path, e.g. /{modality} file{'.png' if modality == 'image' else '.wav'}")
+        part, notes = self.media.encode_file(modality, path)
+        for n in notes:
+            self.say(f"note: {n}")
+        self.pending.append(part)
+        self.files[id(part)] = str(Path(path).expanduser().resolve())
+        n_ids = len(self.lm.layout.codes_to_ids(modality, part.codes))
+        self.say(f"(attached {modality} {path}: {n_ids} tokens)")
+        if text:
+            self.ask(text)
+        elif len(self.pending) == 1:
+            self.say("(type your message, or an empty line to send the attachment alone)")
+
+    def set_voice(self, arg: str) -> None:
+        if not arg:
+            self.say(f"(voice: {self.voice_path or 'none (the decoder picks one)'})")
+            return
+        if arg.lower() in ("off", "none"):
+            self.voice, self.voice_path = None, None
+            self.say("(voice prompt removed)")
+            return
+        path, _ = split_path_arg(arg)
+        codes, notes = self.media.voice_prompt(path)
+        for n in notes:
+            self.say(f"note: {n}")
+        self.voice, self.voice_path = codes, path
+        self.say(f"(speech answers will use the voice of {path}: {codes.shape[1]} frames)")
+
+    def settings(self, overrides: list[str]) -> None:
+        if overrides:
+            self.config = replace(self.config, modes=apply_setting_overrides(self.config.modes, overrides))
+        for row in settings_table(self.config.modes):
+            self.say("  " + "  ".join(f"{k}={v}" for k, v in row.items()))
+        self.say(f"  max_new_tokens={self.config.max_new_tokens}  constrained={self.config.constrained}")
+
+    def show_history(self) -> None:
+        if not self.history:
+            self.say("(no turns yet)")
+        for i, turn in enumerate(self.history):
+            self.say(f"  {i + 1:>3} {turn.role:<9} {self.describe_parts(turn.parts)}")
+        if self.dropped_total:
+            self.say(f"  ({self.dropped_total} earlier exchange(s) dropped to fit the context)")
+
+    def describe_parts(self, parts: Iterable[Part], limit: int = 60) -> str:
+        out = []
+        for p in parts:
+            if isinstance(p, Text):
+                t = " ".join(p.text.split())
+                out.append(t if len(t) <= limit else t[: limit - 3] + "...")
+            elif isinstance(p, Media):
+                out.append(f"[{p.modality} {Path(self.files.get(id(p), '')).name or ''}]".replace(" ]", "]"))
+            elif isinstance(p, Marker):
+                out.append(p.token)
+        return " ".join(out)
+
+    def save(self, path: str | Path) -> Path:
+        """The conversation as a conversation row (``id``, ``conversation``): media as file paths,
+        chain-of-modality markers as ``{"marker": ...}`` (the preprocessing input format)."""
+        rows = []
+        for turn in self.history:
+            content: list[dict[str, str]] = []
+            for p in turn.parts:
+                if isinstance(p, Text):
+                    content.append({"text": p.text})
+                elif isinstance(p, Marker):
+                    content.append({"marker": p.token})
+                elif isinstance(p, Media):
+                    content.append({p.modality: self.files.get(id(p), "")})
+            rows.append({"role": turn.role, "content": content})
+        record: dict[str, Any] = {"id": f"chat-{time.strftime('%Y%m%d-%H%M%S')}", "conversation": rows}
+        if self.system:
+            record["system"] = self.system
+        path = Path(path).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise OSError(f"cannot save {path}: {e.strerror or e}") from None
+        return path
+
+    # ------------------------------------------------------------------ a turn
+    def _fit(self, user: Turn) -> tuple[np.ndarray, int]:
+        """The prompt for ``history + user``, dropping the oldest exchanges until it leaves room for an
+        answer.  Returns ``(prompt ids, exchanges dropped)``; raises ``ContextError`` when the new
+        turn alone is too long."""
+        fmt = self.lm.generator.format
+        ctx = self.lm.generator.context_length
+        reserve = self.answer_reserve or min(self.config.max_new_tokens, ctx // 2)
+        hist = list(self.history)
+        dropped = 0
+        while True:
+            prompt = fmt.prompt(Conversation(hist + [user], self.system))
+            if len(prompt) + reserve <= ctx or not hist:
+                break
+            hist = hist[2:] if len(hist) >= 2 else []
+            dropped += 1
+        if len(prompt) + MIN_ANSWER_TOKENS > ctx:
+            raise ContextError(f"this turn is {len(prompt)} tokens long; with the model's context of {ctx} there is "
+                               f"no room for an answer (shorten the text or the audio)")
+        if dropped:
+            self.history = hist
+            self.dropped_total += dropped
+        return prompt, dropped
+
+    def ask(self, text: str) -> None:
+        """Send the pending attachments plus ``text`` as a user turn and print the answer."""
+        parts = list(self.pending) + ([Text(text)] if text else [])
+        self.pending = []  # a failed or interrupted turn does not leave attachments behind
+        user = Turn("user", parts)
+        prompt, dropped = self._fit(user)
+        if dropped:
+            self.say(f"(context: dropped the oldest {dropped} exchange(s) to stay within "
+                     f"{self.lm.generator.context_length} tokens)")
+        self.out.write("AnyGPT: ")
+        self.out.flush()
+        streamer = ConsoleStreamer(self.lm.tokenizer, self.lm.layout, self.out)
+        try:
+            result = self.lm.generator.generate_one(prompt, self.config, streamer)
+        except KeyboardInterrupt:
+            self.say("\n(interrupted: the turn was discarded)")
+            return
+        if not streamer.wrote:
+            self.say("(empty answer)")
+        for issue in result.issues:
+            self.say(f"warning: malformed output at {issue}")
+        if result.stop == "budget":
+            self.say(f"(answer cut at {len(result.ids)} tokens: the token budget or the context ran out)")
+        self.turn_no += 1
+        answer = Turn("assistant", result.parts)
+        k = 0
+        for part in answer.parts:
+            if not isinstance(part, Media):
+                continue
+            k += 1
+            try:
+                rendered = self.media.render(part, self.out_dir, f"turn{self.turn_no:03d}-{k}-{part.modality}",
+                                             voice=self.voice if part.modality == "speech" else None)
+            except (ValueError, OSError) as e:
+                self.error(f"cannot render the {part.modality} answer: {str(e).splitlines()[0]}")
+                continue
+            self.files[id(part)] = str(rendered.path.resolve())
+            for n in rendered.notes:
+                self.say(f"note: {n}")
+            self.say(f"-> {rendered.describe()}")
+        self.history += [user, answer]
+
+
+# ---------------------------------------------------------------------------------------------- loop
+
+
+def _script_lines(source: str, echo: Callable[[str], None]) -> Iterator[str]:
+    if source == "-":
+        stream = sys.stdin
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")  # a stray binary byte must not end the session
+    else:
+        stream = open(source, encoding="utf-8", errors="replace")
+    try:
+        for line in stream:
+            line = line.rstrip("\n")
+            echo(f"> {line}")
+            yield line
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+
+
+def _setup_readline(history_file: Path | None) -> Callable[[], None]:
+    """Line editing, history and tab completion (commands, then file paths) when readline exists."""
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline: plain input() still works
+        return lambda: None
+    import glob
+
+    def complete(text: str, state: int) -> str | None:
+        buf = readline.get_line_buffer()
+        if buf.startswith("/") and " " not in buf:
+            options = [c for c in COMMANDS if c.startswith(text)]
+        else:
+            options = [p + ("/" if os.path.isdir(p) else "") for p in glob.glob(os.path.expanduser(text) + "*")]
+        return options[state] if state < len(options) else None
+
+    readline.set_completer(complete)
+    readline.set_completer_delims(" \t\n\"'")
+    readline.parse_and_bind("tab: complete")
+    if history_file is not None:
+        try:
+            readline.read_history_file(str(history_file))
+        except OSError:
+            pass
+
+    def save() -> None:
+        if history_file is not None:
+            try:
+                history_file.parent.mkdir(parents=True, exist_ok=True)
+                readline.set_history_length(1000)
+                readline.write_history_file(str(history_file))
+            except OSError:
+                pass
+
+    return save
+
+
+def run_chat(session: ChatSession, script: str | None = None, history_file: Path | None = None,
+             read_line: Callable[[str], str] | None = None) -> int:
+    """Run the REPL until EOF or ``/quit``; returns the exit status (0).
+
+    Args:
+        session: the conversation.
+        script: ``FILE`` or ``-`` to read lines from a file / stdin (echoed as ``> line``); None for
+            interactive input with line editing.
+        history_file: readline history for interactive use.
+        read_line: replaces ``input`` (tests).
+    """
+    say = session.say
+    if script is not None:
+        lines = _script_lines(script, say)
+
+        def reader(prompt: str) -> str:
+            try:
+                return next(lines)
+            except StopIteration:
+                raise EOFError from None
+    else:
+        save_history = _setup_readline(history_file) if read_line is None else (lambda: None)
+        reader = read_line or input
+    try:
+        while True:
+            try:
+                line = reader("you> ")
+            except EOFError:
+                say("" if script is None else "(end of input)")
+                break
+            except KeyboardInterrupt:
+                say("\n(Ctrl-C: type /quit or press Ctrl-D to leave)")
+                continue
+            try:
+                if not session.handle(line):
+                    break
+            except KeyboardInterrupt:
+                say("\n(interrupted)")
+    finally:
+        if script is None:
+            save_history()
+    say("bye")
+    return 0

@@ -1,0 +1,245 @@
+"""The chat (anygpt.infer.chat): bad input never ends a session, history stays within the context,
+media answers become files, and the real entry point runs from stdin."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anygpt.formats import Conversation, Media, Text
+from anygpt.infer.chat import ChatSession, run_chat, split_path_arg
+from anygpt.infer.settings import GenerationConfig, default_settings
+
+pytest.importorskip("anygpt.modalities.image", reason="image codec module not available")
+pytest.importorskip("anygpt.decoders.soundstorm", reason="SoundStorm decoder not available")
+pytest.importorskip("anygpt.decoders.unclip", reason="unCLIP renderer not available")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from anygpt.infer.testing import build_tiny_model_dir
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield build_tiny_model_dir(tmp_path_factory.mktemp("chat"))
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir):
+    from anygpt.infer.loading import load_lm
+
+    return load_lm(model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from PIL import Image
+
+    from anygpt.modalities.media import save_audio
+
+    d = tmp_path_factory.mktemp("files")
+    t = np.arange(16000) / 16000
+    save_audio(d / "hello.wav", (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 16000)
+    t = np.arange(16000 * 31) / 16000
+    save_audio(d / "long speech.wav", (0.2 * np.sin(2 * np.pi * 150 * t)).astype(np.float32), 16000)
+    Image.new("RGB", (40, 40), (20, 200, 20)).save(d / "green.png")
+    (d / "notes.txt").write_text("plain text, not media")
+    (d / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    return d
+
+
+def _session(lm, tmp_path, config=None, **kw):
+    from anygpt.infer.mediaio import MediaIO
+
+    out = io.StringIO()
+    notes = []
+    media = MediaIO(lm.layout, "tiny", "tiny", notice=notes.append, image_options={"steps": 1}, speech_seed=0)
+    cfg = config or GenerationConfig(max_new_tokens=40, seed=0)
+    return ChatSession(lm, media, cfg, tmp_path / "out", out=out, **kw), out
+
+
+def test_split_path_arg():
+    assert split_path_arg('"my file.png" what is it') == ("my file.png", "what is it")
+    assert split_path_arg("a.png  describe") == ("a.png", "describe")
+    assert split_path_arg("") == ("", "")
+    with pytest.raises(ValueError, match="unclosed quote"):
+        split_path_arg('"a.png describe')
+
+
+def test_session_survives_every_bad_input(lm, files, tmp_path):
+    session, out = _session(lm, tmp_path)
+    script = tmp_path / "script.txt"
+    lines = [
+        "hello there",
+        "",  # empty line
+        "   ",
+        f"/image {files / 'missing.png'}",  # missing file
+        f"/speech {files / 'green.png'}",  # unsupported format (an image given as speech)
+        f"/image {files / 'notes.txt'}",  # not an image at all
+        f"/speech {files / 'notes.txt'}",  # not audio at all
+        f"/music {files / 'broken.wav'}",  # truncated/corrupt audio
+        f'/speech "{files / "long speech.wav"}" what did I say?',  # over-long audio: cut with a note
+        f"/image {files}",  # a directory
+        "/image",  # no path
+        '/image "unclosed',  # bad quoting
+        "/bogus command",  # unknown command
+        "/send",  # nothing pending
+        "/settings speech.temperature=oops",
+        "/voice /nonexistent/voice.wav",
+        f"/save {files / 'notes.txt' / 'x.json'}",  # cannot write there
+        "/history",
+        "and one more turn",
+        "/history",
+    ]
+    script.write_text("\n".join(lines) + "\n", encoding="utf-8")  # then EOF
+    assert run_chat(session, script=str(script)) == 0
+    text = out.getvalue()
+    for expected in ["(empty line ignored", "missing.png: no such file", "unsupported format for speech",
+                     "notes.txt: not a recognised image format", "notes.txt: cannot read audio",
+                     "broken.wav", "31.0 s is longer than the 30 s limit for speech; using the first 30 s",
+                     "is a directory", "/image needs a file path", "unclosed quote", "unknown command /bogus",
+                     "nothing to send", "is not a valid float", "/nonexistent/voice.wav: no such file",
+                     "cannot save", "(end of input)", "bye"]:
+        assert expected in text, f"missing {expected!r} in:\n{text}"
+    assert text.count("error: ") >= 12
+    # Three real turns went through, errors left no trace in the history.
+    assert len(session.history) == 6 and [t.role for t in session.history] == ["user", "assistant"] * 3
+    speech_turn = session.history[2]
+    assert isinstance(speech_turn.parts[0], Media) and speech_turn.parts[0].codes.shape[1] == 30 * 50
+    assert session.pending == []
+
+
+def test_ctrl_c_at_prompt_and_during_generation(lm, tmp_path, monkeypatch):
+    session, out = _session(lm, tmp_path)
+    inputs = iter(["first turn", KeyboardInterrupt(), "second turn", "/history", EOFError()])
+
+    def read_line(prompt):
+        item = next(inputs)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    real = session.lm.generator.generate_one
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(session.lm.generator, "generate_one", flaky)
+    assert run_chat(session, read_line=read_line) == 0
+    text = out.getvalue()
+    assert "(Ctrl-C: type /quit or press Ctrl-D to leave)" in text
+    assert "(interrupted: the turn was discarded)" in text
+    assert len(session.history) == 2 and session.history[0].parts == [Text("first turn")]
+    assert text.rstrip().endswith("bye")
+
+
+def test_quit_ends_and_later_lines_are_ignored(lm, tmp_path):
+    session, out = _session(lm, tmp_path)
+    script = tmp_path / "s.txt"
+    script.write_text("/help\n/quit\nnever sent\n")
+    assert run_chat(session, script=str(script)) == 0
+    assert "/voice PATH" in out.getvalue() and "never sent" not in out.getvalue().split("/quit")[-1]
+    assert session.history == []
+
+
+def test_history_is_trimmed_to_the_context(lm, tmp_path):
+    from anygpt.infer.loading import load_lm
+
+    small = load_lm(lm.directory, device="cpu", context_length=160)
+    cfg = GenerationConfig(max_new_tokens=30, seed=0)
+    session, out = _session(small, tmp_path, config=cfg)
+    for i in range(8):
+        session.handle(f"turn number {i} with a few more words to fill the context")
+        # What is kept always fits: history + the answer just given stayed within the context.
+        assert len(small.generator.format.render(Conversation(session.history)).ids) <= 160
+    text = out.getvalue()
+    assert "(context: dropped the oldest" in text
+    assert session.dropped_total > 0
+    assert "turn number 7" in session.describe_parts(session.history[-2].parts)
+    # One turn longer than the whole context: an error, the session goes on.
+    session.handle("word " * 400)
+    assert "no room for an answer" in out.getvalue()
+    session.handle("/history")
+    assert "earlier exchange(s) dropped" in out.getvalue()
+
+
+@pytest.mark.parametrize("modality", ["speech", "image", "music"])
+def test_media_answers_become_readable_files(lm, files, tmp_path, modality):
+    import soundfile as sf
+    from PIL import Image
+
+    modes = {k: replace(v, max_tokens=min(v.max_tokens, 40)) for k, v in default_settings().items()}
+    cfg = GenerationConfig(modes=modes, max_new_tokens=60, seed=0, outputs=(modality,), require=modality)
+    session, out = _session(lm, tmp_path, config=cfg)
+    if modality == "speech":
+        session.handle(f"/voice {files / 'hello.wav'}")
+        assert session.voice is not None and session.voice.shape[0] == 8
+    session.handle(f"/image {files / 'green.png'} answer with {modality}")
+    text = out.getvalue()
+    paths = [line.split(": ", 1)[1].split(" (")[0] for line in text.splitlines() if line.startswith(f"-> {modality}: ")]
+    assert len(paths) == 1, text
+    path = Path(paths[0])
+    assert path.is_file() and path.parent == tmp_path / "out"
+    if modality == "image":
+        img = Image.open(path)
+        img.load()
+    else:
+        data, sr = sf.read(path)
+        assert sr == (16000 if modality == "speech" else 32000) and len(data) > 0
+    saved = session.save(tmp_path / "conv.json")
+    record = json.loads(saved.read_text())
+    roles = [t["role"] for t in record["conversation"]]
+    assert roles == ["user", "assistant"]
+    assert record["conversation"][0]["content"][0] == {"image": str((files / "green.png").resolve())}
+    assert record["conversation"][1]["content"] == [{modality: str(path.resolve())}]
+
+
+def test_chat_entry_point_reads_stdin(model_dir, files, tmp_path):
+    """``python launch/chat.py --model DIR --script -`` with piped input, as scripts use it."""
+    lines = "\n".join(["hi", "", f"/image {files / 'nope.png'}", f"/image {files / 'green.png'} what is it",
+                       f"/save {tmp_path / 'c.json'}"]) + "\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "chat.py"), "--model", str(model_dir),
+                           "--codecs", "tiny", "--out", str(tmp_path / "o"), "--max-new-tokens", "24",
+                           "--seed", "0", "--script", "-"],
+                          input=lines, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "nope.png: no such file" in proc.stdout
+    assert "(attached image" in proc.stdout and proc.stdout.rstrip().endswith("bye")
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert len(saved["conversation"]) == 4
+
+
+def test_unconstrained_malformed_answers_are_reported(model_dir, tmp_path):
+    """With --unconstrained an erratic model writes broken spans: warnings, no crash, session goes on."""
+    from anygpt.infer.loading import load_lm
+    from anygpt.infer.testing import excite_specials
+
+    lm = load_lm(model_dir, device="cpu")  # a private copy: its weights are about to be scrambled
+    warned = 0
+    for seed in range(6):
+        excite_specials(lm.model, lm.layout, 600 + seed)
+        cfg = GenerationConfig(max_new_tokens=40, seed=seed, constrained=False)
+        session, out = _session(lm, tmp_path, config=cfg)
+        for line in ("first", "second", "/history"):
+            assert session.handle(line) is True
+        text = out.getvalue()
+        assert "error: unexpected" not in text  # nothing escaped as an internal error
+        warned += text.count("warning: malformed output")
+        assert len(session.history) == 4
+    assert warned > 0
