@@ -22,6 +22,9 @@ SUBCOMMANDS = [
     "anygpt.train.cli:add_plot_parser",
     "anygpt.infer.cli:add_generate_parser",
     "anygpt.infer.cli:add_chat_parser",
+    "anygpt.eval.cli:add_eval_parser",
+    "anygpt.demo.cli:add_demo_parser",
+    "anygpt.bench:add_bench_parser",
 ]
 
 
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, OSError) as e:
+    except (UserError, ValueError, OSError, RuntimeError) as e:
         # Our error types subclass ValueError with one-line messages naming the file/key.
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 1

@@ -64,6 +64,8 @@ def add_codec_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argum
     fit.add_argument("--base", default="tiny", metavar="tiny|DIR", help="codec to start from (default: tiny)")
     fit.add_argument("--tiny", dest="base", action="store_const", const="tiny", help="same as --base tiny")
     fit.add_argument("--iters", type=int, default=20, help="k-means iterations (default 20)")
+    fit.add_argument("--clusters", type=int, default=None,
+                     help="fit at most this many codes per codebook (small corpora learn better with few)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--max-seconds", type=float, default=30.0, help="clip each audio input (default 30)")
     fit.set_defaults(func=_guarded(cmd_fit), handler=_guarded(cmd_fit))
@@ -171,7 +173,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.out) / args.modality
     t0 = time.perf_counter()
     codec, report = fit_codec(args.modality, args.inputs, out, base=args.base, iters=args.iters,
-                              seed=args.seed, max_seconds=args.max_seconds)
+                              seed=args.seed, max_seconds=args.max_seconds, max_clusters=args.clusters)
     print(report.summary())
     print(f"wrote {out} (card + weights) in {time.perf_counter() - t0:.1f}s; use --codecs {args.out}")
     return 0

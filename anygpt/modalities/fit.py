@@ -69,20 +69,22 @@ def _nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 4096) -> tor
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
-           min_per_cluster: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+           min_per_cluster: int = 1, max_clusters: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means with random-sample init; returns ``(centroids [k, D], counts [k])``.
 
     Only ``min(k, N // min_per_cluster)`` clusters are fitted; the remaining codebook rows are
-    jittered copies of fitted centroids (distinct, rarely chosen, count 0).  With little data this
+    placed far from the data (distinct, never chosen, count 0).  With little data this
     keeps a residual quantiser from memorising every vector in its first layer, which would leave
-    nothing but rounding noise for the later layers.  Empty clusters keep their previous centroid.
+    nothing but rounding noise for the later layers.  ``max_clusters`` caps it further: a small
+    synthetic corpus is better served by a few dozen well-populated codes that recur across inputs
+    (learnable by a tiny LM) than by thousands of rare ones.  Empty clusters keep their centroid.
     """
     x = x.float()
     n, d = x.shape
     g = torch.Generator().manual_seed(seed)
     scale = float(x.std()) if n > 1 else 1.0
     scale = scale if math.isfinite(scale) and scale > 0 else 1.0
-    k_fit = max(1, min(k, n // max(1, min_per_cluster)))
+    k_fit = max(1, min(k, n // max(1, min_per_cluster), max_clusters or k))
     centroids = x[torch.randperm(n, generator=g)[:k_fit]].clone()
     assign = _nearest(x, centroids)
     for _ in range(iters if k_fit < n else 0):
@@ -95,9 +97,11 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
             break
         assign = new_assign
     if k_fit < k:
-        extra = torch.randint(0, k_fit, (k - k_fit,), generator=g)
-        jitter = torch.randn(k - k_fit, d, generator=g) * (1e-2 * scale)
-        centroids = torch.cat([centroids, centroids[extra] + jitter])
+        # Unused rows sit far from the data (distinct, finite, never nearest), so exactly the
+        # fitted codes are used; near copies would split clusters at random.
+        far = torch.randn(k - k_fit, d, generator=g)
+        far = far / far.norm(dim=1, keepdim=True).clamp_min(1e-6) * (1e3 * scale * math.sqrt(d))
+        centroids = torch.cat([centroids, x.mean(0, keepdim=True) + far])
     counts = torch.bincount(_nearest(x, centroids), minlength=k).float()
     return centroids, counts
 
@@ -163,7 +167,8 @@ def _encoder_vectors(codec: Codec, items: Sequence[Any], max_vectors: int, seed:
 
 
 def fit_codebooks(codec: Codec, items: Sequence[Any], *, iters: int = 20, seed: int = 0,
-                  max_vectors: int = 200_000, min_per_cluster: int = 4) -> FitReport:
+                  max_vectors: int = 200_000, min_per_cluster: int = 4,
+                  max_clusters: int | None = None) -> FitReport:
     """Initialise every codebook of ``codec`` in place from ``items`` (waveforms / images).
 
     RVQ codecs are fitted layer by layer on residuals; SEED's single codebook on the 32-d query
@@ -178,7 +183,7 @@ def fit_codebooks(codec: Codec, items: Sequence[Any], *, iters: int = 20, seed: 
     residual = x
     for layer, cb in enumerate(books):
         centroids, counts = kmeans(residual, codec.codebook_size, iters=iters, seed=seed + layer,
-                                   min_per_cluster=min_per_cluster)
+                                   min_per_cluster=min_per_cluster, max_clusters=max_clusters)
         _set_codebook(cb, centroids, counts)
         if layer + 1 < len(books):
             residual = residual - centroids[_nearest(residual, centroids)]
@@ -199,16 +204,18 @@ def load_inputs(modality: str, paths: Sequence[str | os.PathLike], sample_rate: 
 
 def fit_codec(modality: str, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
               base: str | os.PathLike = "tiny", *, iters: int = 20, seed: int = 0,
-              max_seconds: float | None = 30.0) -> tuple[Codec, FitReport]:
+              max_seconds: float | None = 30.0, max_clusters: int | None = None,
+              max_vectors: int = 200_000) -> tuple[Codec, FitReport]:
     """Build ``modality``'s codec from ``base`` (``"tiny"`` or a directory), fit it on the files in
     ``inputs`` and save it (weights + card with the fit report) to ``out_dir``."""
     codec = build_codec(modality, base)
     items = load_inputs(modality, inputs, codec.sample_rate, max_seconds)
-    report = fit_codebooks(codec, items, iters=iters, seed=seed)
+    report = fit_codebooks(codec, items, iters=iters, seed=seed, max_clusters=max_clusters, max_vectors=max_vectors)
     codec.save(Path(out_dir), fitted={
         "inputs": report.inputs,
         "vectors": report.vectors,
         "iters": report.iters,
+        "max_clusters": max_clusters,
         "codebooks": [{"name": c.name, "used": c.used, "perplexity": round(c.perplexity, 3)} for c in report.codebooks],
     })
     return codec, report

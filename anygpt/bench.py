@@ -1,0 +1,112 @@
+"""``anygpt bench``: every benchmark of the project in one table, with machine and package versions.
+
+Each benchmark measures a ratio side by side in one run (ours vs a baseline on the same machine),
+because absolute speeds on a shared 2-core box swing by 2-3x; ratios are what to compare.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+PACKAGES = ("torch", "transformers", "deepspeed", "diffusers", "webdataset", "tokenizers", "numpy", "anygpt-trainer")
+
+
+def _codecs() -> dict:
+    from anygpt.modalities.bench import bench_codecs
+
+    return bench_codecs(seconds=2.0, batches=(1, 4), real=True)
+
+
+def _data() -> dict:
+    from anygpt.data.bench import bench_loader
+    from data_pipeline.bench import bench_data
+
+    return {"preprocess": bench_data(), "loader": bench_loader()}
+
+
+def _train() -> dict:
+    from anygpt.train.bench import bench_train
+
+    return bench_train()
+
+
+def _infer() -> dict:
+    from anygpt.infer.bench import bench_infer
+
+    return bench_infer(model="tiny", context=512)
+
+
+BENCHES: dict[str, Callable[[], dict]] = {"codecs": _codecs, "data": _data, "train": _train, "infer": _infer}
+
+
+def ratios(result: Any, prefix: str = "") -> dict[str, float]:
+    """Every number whose key says it is a ratio/speedup (nested keys joined by dots)."""
+    out: dict[str, float] = {}
+    if isinstance(result, dict):
+        for k, v in result.items():
+            name = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and any(
+                    w in str(k).lower() for w in ("ratio", "speedup", "headroom", "real_time", "rtf")):
+                out[name] = float(v)
+            elif isinstance(v, (dict, list)):
+                out.update(ratios(v, name))
+    elif isinstance(result, list):
+        for i, v in enumerate(result):
+            out.update(ratios(v, f"{prefix}[{i}]"))
+    return out
+
+
+def machine() -> dict[str, Any]:
+    mem = None
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        pass
+    versions = {}
+    for p in PACKAGES:
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - a broken CUDA install must not stop the report
+        gpu = None
+    return {"cpus": os.cpu_count(), "memory_gib": round(mem, 1) if mem else None, "gpu": gpu,
+            "python": platform.python_version(), "platform": platform.platform(), "packages": versions}
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run the benchmarks (codecs, data, train, infer) and print one table")
+    p.add_argument("which", nargs="*", choices=list(BENCHES), metavar="{codecs,data,train,infer}",
+                   help=f"subset to run (default: all of {', '.join(BENCHES)})")
+    p.add_argument("--json", default=None, help="write results, ratios, machine and package versions here")
+    p.set_defaults(handler=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    which = args.which or list(BENCHES)
+    results, table, seconds = {}, [], {}
+    for name in which:
+        print(f"[bench] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        results[name] = BENCHES[name]()
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        table += [(name, k, v) for k, v in ratios(results[name]).items()]
+    print(f"\n{'bench':<8} {'ratio':<60} {'value':>10}")
+    for name, key, value in table:
+        print(f"{name:<8} {key[:60]:<60} {value:>10.2f}")
+    report = {"machine": machine(), "seconds": seconds, "ratios": {f"{n}.{k}": v for n, k, v in table},
+              "results": results}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0

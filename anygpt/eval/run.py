@@ -1,0 +1,159 @@
+"""``anygpt eval``: held-out loss per modality and direction, and the synthetic task's six directions.
+
+Loss: the eval loader renders every pair in both directions with response-only loss, so
+``text2image`` is the loss of generating the image given the caption, and so on.
+
+Synthetic task (``--corpus DIR`` from ``anygpt demo``): every direction on held-out items, scored
+against its chance level (:mod:`anygpt.eval.synthetic`):
+
+- X->text: greedy caption/transcript, parsed back into attributes (mean attribute accuracy);
+- text->X: greedy codes judged by the nearest *reference rendering*: every caption of the grammar
+  is rendered (Pillow / espeak-ng / NumPy), encoded with the same codec, and the generated codes
+  are assigned the attributes of the closest reference (bag-of-codes cosine).  So a text->image
+  answer scores only if its codes look like an image of the requested attributes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODALITIES = ("image", "speech", "music")
+
+
+def shard_loss(lm: Any, shards: str, seq_len: int = 512, batch_size: int = 8, max_batches: int | None = None) -> dict:
+    """Mean response loss per task (direction) and per modality over held-out shards."""
+    import torch
+
+    from anygpt.config import DataConfig, SourceConfig, TrainConfig
+    from anygpt.data import TASK_NAMES, build_eval_loader
+
+    cfg = TrainConfig(data=DataConfig(sources=[SourceConfig(name="eval", shards=shards)], eval_shards=shards,
+                                      seq_len=seq_len))
+    loader = build_eval_loader(cfg, lm.tokenizer, lm.layout, batch_size=batch_size)
+    sums = np.zeros(len(TASK_NAMES))
+    counts = np.zeros(len(TASK_NAMES))
+    model = lm.model
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            dev = lm.device
+            logits = model(input_ids=batch["input_ids"].to(dev), position_ids=batch["position_ids"].to(dev),
+                           attention_mask=batch["attention_mask"].to(dev)).logits.float()
+            labels = batch["labels"].to(dev)[:, 1:]
+            tasks = batch["tasks"].to(dev)[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels.clamp_min(0),
+                                                    reduction="none")
+            valid = labels != -100
+            for t in range(len(TASK_NAMES)):
+                sel = valid & (tasks == t)
+                sums[t] += float(nll[sel].sum())
+                counts[t] += int(sel.sum())
+    per_task = {TASK_NAMES[t]: sums[t] / counts[t] for t in range(len(TASK_NAMES)) if counts[t]}
+    total = float(sums.sum() / max(counts.sum(), 1))
+    per_modality = {}
+    for m in MODALITIES:
+        idx = [t for t, n in enumerate(TASK_NAMES) if m in n and counts[t]]
+        if idx:
+            per_modality[m] = float(sums[idx].sum() / counts[idx].sum())
+    return {"loss": total, "loss_by_task": per_task, "loss_by_modality": per_modality,
+            "tokens": int(counts.sum())}
+
+
+def _test_items(shards_dir: Path, modality: str, n: int) -> list[tuple[str, np.ndarray]]:
+    """First ``n`` held-out items (text, codes) of a test shard set; shards keep manifest order, in
+    which the demo corpus puts novel (held-out) combinations first."""
+    from data_pipeline.shards import iter_samples
+
+    items = []
+    for sample in iter_samples(shards_dir):
+        items.append((sample["json"]["text"], sample[f"{modality}.npy"]))
+    return items[:n]
+
+
+def _references(modality: str, codec: Any, layout: Any, work: Path) -> tuple[list[np.ndarray], list[dict]]:
+    """Codes of one reference rendering per grammar combination (what text->X answers are matched to)."""
+    from anygpt.demo.corpus import render_reference
+    from anygpt.demo.grammar import all_combinations, describe
+    from anygpt.modalities.fit import load_inputs
+
+    combos = all_combinations(modality)
+    paths = [render_reference(modality, describe(modality, c), work / f"{modality}-{i}.{'png' if modality == 'image' else 'wav'}")
+             for i, c in enumerate(combos)]
+    k = layout.modality(modality).num_codebooks
+    codes = [c[:k] for c in codec.encode(load_inputs(modality, paths, codec.sample_rate))]
+    return codes, combos
+
+
+def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_items: int = 24,
+                       batch_size: int = 8, seed: int = 0) -> dict[str, Any]:
+    """Score the six directions on the held-out test shards written by the demo."""
+    from anygpt.demo.grammar import parse_attributes
+    from anygpt.eval.synthetic import attribute_accuracy, nearest_reference_accuracy
+    from anygpt.formats import Media
+    from anygpt.infer.settings import GenerationConfig
+    from anygpt.infer.tasks import Task, task_config, task_conversation
+
+    fmt_prompt = lambda conv: _prompt(lm, conv)  # noqa: E731
+    base = GenerationConfig(max_new_tokens=512, seed=seed).with_greedy()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in MODALITIES:
+            items = _test_items(shards_root / f"test_{m}", m, n_items)
+            k = lm.layout.modality(m).num_codebooks
+            texts = [t for t, _ in items]
+            # X -> text
+            t0 = time.perf_counter()
+            task = Task(m, "text", "<eval>")
+            prompts = [fmt_prompt(task_conversation(task, Media(m, codes[:k]))) for _, codes in items]
+            outs = _generate(lm, prompts, task_config(task, base), batch_size)
+            preds = [o.text.strip() for o in outs]
+            scores = attribute_accuracy(m, preds, texts)
+            results[f"{m}2text"] = {**scores, "examples": [{"reference": r, "prediction": p} for r, p in
+                                                          zip(texts[:5], preds[:5])],
+                                    "seconds": round(time.perf_counter() - t0, 1)}
+            # text -> X
+            t0 = time.perf_counter()
+            refs, combos = _references(m, codecs[m], lm.layout, Path(tmp))
+            prompts = [fmt_prompt(task_conversation(Task("text", m, t), None)) for t in texts]
+            outs = _generate(lm, prompts, task_config(Task("text", m, "x"), base), batch_size)
+            generated = []
+            for o in outs:
+                media = [p for p in o.parts if isinstance(p, Media) and p.modality == m]
+                generated.append(media[0].codes if media else np.zeros((k, 0), dtype=np.int64))
+            targets = []
+            for t in texts:
+                attrs = parse_attributes(m, t)
+                targets.append(next(i for i, c in enumerate(combos) if all(attrs.get(a) == v for a, v in c.items())))
+            scores = nearest_reference_accuracy(generated, targets, refs, reference_attributes=combos,
+                                                codebook_size=codecs[m].codebook_size)
+            results[f"text2{m}"] = {**scores, "empty_answers": sum(g.shape[-1] == 0 for g in generated),
+                                    "seconds": round(time.perf_counter() - t0, 1)}
+    return results
+
+
+def _prompt(lm: Any, conv: Any) -> np.ndarray:
+    from anygpt.formats import SequenceFormat
+
+    return SequenceFormat(lm.tokenizer, lm.layout).prompt(conv)
+
+
+def _generate(lm: Any, prompts: list[np.ndarray], config: Any, batch_size: int) -> list[Any]:
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        out += lm.generator.generate(prompts[start: start + batch_size], config)
+    return out
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    lines = [f"{'direction':<13} {'score':>7} {'chance':>7} {'x chance':>9}"]
+    for name, r in results.items():
+        ratio = r["score"] / r["chance"] if r.get("chance") else math.nan
+        lines.append(f"{name:<13} {r['score']:>7.3f} {r['chance']:>7.3f} {ratio:>8.1f}x")
+    return "\n".join(lines)
