@@ -118,7 +118,11 @@ def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_ite
     from anygpt.infer.tasks import Task, task_config, task_conversation
 
     fmt_prompt = lambda conv: _prompt(lm, conv)  # noqa: E731
-    base = GenerationConfig(max_new_tokens=512, seed=seed).with_greedy()
+    # X->text is scored greedily (one best caption).  text->X samples with the per-modality defaults
+    # (seeded): the argmax of every code slot is the majority code (background), so greedy media
+    # collapse to one mode, while samples follow the model's conditional distribution.
+    sampled = GenerationConfig(max_new_tokens=512, seed=seed)
+    base = sampled.with_greedy()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for m in MODALITIES:
@@ -139,7 +143,7 @@ def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_ite
             t0 = time.perf_counter()
             refs, ref_attrs = _references(m, codecs[m], lm.layout, Path(tmp), shards_root)
             prompts = [fmt_prompt(task_conversation(Task("text", m, t), None)) for t in texts]
-            outs = _generate(lm, prompts, task_config(Task("text", m, "x"), base), batch_size)
+            outs = _generate(lm, prompts, task_config(Task("text", m, "x"), sampled), batch_size)
             generated = []
             for o in outs:
                 media = [p for p in o.parts if isinstance(p, Media) and p.modality == m]
