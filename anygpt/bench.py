@@ -86,7 +86,8 @@ def machine() -> dict[str, Any]:
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run the benchmarks (codecs, data, train, infer) and print one table")
-    p.add_argument("which", nargs="*", choices=list(BENCHES), metavar="{codecs,data,train,infer}",
+    # No argparse `choices` here: with nargs="*" it rejects the empty default (a known argparse quirk).
+    p.add_argument("which", nargs="*", metavar="{codecs,data,train,infer}",
                    help=f"subset to run (default: all of {', '.join(BENCHES)})")
     p.add_argument("--json", default=None, help="write results, ratios, machine and package versions here")
     p.set_defaults(handler=run_bench)
@@ -94,6 +95,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     which = args.which or list(BENCHES)
+    unknown = [w for w in which if w not in BENCHES]
+    if unknown:
+        raise ValueError(f"bench: unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHES)}")
     results, table, seconds = {}, [], {}
     for name in which:
         print(f"[bench] {name} ...", flush=True)
