@@ -7,10 +7,11 @@ Synthetic task (``--corpus DIR`` from ``anygpt demo``): every direction on held-
 against its chance level (:mod:`anygpt.eval.synthetic`):
 
 - X->text: greedy caption/transcript, parsed back into attributes (mean attribute accuracy);
-- text->X: greedy codes judged by the nearest *reference rendering*: every caption of the grammar
-  is rendered (Pillow / espeak-ng / NumPy), encoded with the same codec, and the generated codes
-  are assigned the attributes of the closest reference (bag-of-codes cosine).  So a text->image
-  answer scores only if its codes look like an image of the requested attributes.
+- text->X: sampled codes judged by the nearest *reference*: every caption of the grammar is rendered
+  (Pillow / espeak-ng / NumPy) and encoded with the same codec, next to the training items' codes,
+  and the generated codes get the attributes of the closest reference (bag-of-codes cosine; for
+  images per query slot, see :func:`judge_codes`).  So a text->image answer scores only if its
+  codes look like an image of the requested attributes.
 """
 from __future__ import annotations
 
