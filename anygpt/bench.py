@@ -58,7 +58,10 @@ def ratios(result: Any, prefix: str = "") -> dict[str, float]:
                 out.update(ratios(v, name))
     elif isinstance(result, list):
         for i, v in enumerate(result):
-            out.update(ratios(v, f"{prefix}[{i}]"))
+            # Name table rows by what they measured (codec/size/batch) rather than by index.
+            label = "/".join(str(v[k]) for k in ("codec", "size", "batch", "workers") if k in v) \
+                if isinstance(v, dict) else ""
+            out.update(ratios(v, f"{prefix}[{label or i}]"))
     return out
 
 
