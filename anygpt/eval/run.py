@@ -67,15 +67,25 @@ def shard_loss(lm: Any, shards: str, seq_len: int = 512, batch_size: int = 8, ma
             "tokens": int(counts.sum())}
 
 
-def _test_items(shards_dir: Path, modality: str, n: int) -> list[tuple[str, np.ndarray]]:
+def _test_items(shards_dir: Path, modality: str, n: int, with_keys: bool = False) -> list[tuple]:
     """First ``n`` held-out items (text, codes) of a test shard set; shards keep manifest order, in
     which the demo corpus puts novel (held-out) combinations first."""
     from data_pipeline.shards import iter_samples
 
     items = []
     for sample in iter_samples(shards_dir):
-        items.append((sample["json"]["text"], sample[f"{modality}.npy"]))
+        item = (sample["json"]["text"], sample[f"{modality}.npy"])
+        items.append((sample["__key__"], *item) if with_keys else item)
     return items[:n]
+
+
+def _attribute_hits(scores: dict, ref_attrs: list[dict], wanted: list[dict]) -> list[float]:
+    """Per item: fraction of requested attributes that the nearest reference has (0 when empty)."""
+    out = []
+    for pred, want in zip(scores["predictions"], wanted):
+        got = ref_attrs[pred] if pred >= 0 else {}
+        out.append(sum(got.get(a) == v for a, v in want.items()) / max(len(want), 1))
+    return out
 
 
 def _references(modality: str, codec: Any, layout: Any, work: Path, shards_root: Path,
@@ -111,7 +121,8 @@ def judge_codes(modality: str, codes: list[np.ndarray], codebook_size: int) -> t
 
 def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_items: int = 24,
                        batch_size: int = 8, seed: int = 0) -> dict[str, Any]:
-    """Score the six directions on the held-out test shards written by the demo."""
+    """Score the six directions on ``n_items`` held-out test items per direction (half of them novel
+    attribute combinations, half new renderings of seen ones) from the demo's test shards."""
     from anygpt.demo.grammar import parse_attributes
     from anygpt.eval.synthetic import attribute_accuracy, nearest_reference_accuracy
     from anygpt.formats import Media
@@ -127,7 +138,14 @@ def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_ite
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for m in MODALITIES:
-            items = _test_items(shards_root / f"test_{m}", m, n_items)
+            # Half novel (held-out attribute combinations: composition), half seen combinations
+            # rendered afresh (generalisation to new renderings); each half is also scored alone.
+            everything = _test_items(shards_root / f"test_{m}", m, 10**9, with_keys=True)
+            novel_items = [it for it in everything if "novel" in it[0]]
+            seen_items = [it for it in everything if "novel" not in it[0]]
+            items = novel_items[: n_items // 2] + seen_items[: n_items - min(n_items // 2, len(novel_items))]
+            keys = [key for key, _, _ in items]
+            items = [(t, c) for _, t, c in items]
             k = lm.layout.modality(m).num_codebooks
             texts = [t for t, _ in items]
             # X -> text
@@ -137,6 +155,10 @@ def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_ite
             outs = _generate(lm, prompts, task_config(task, base), batch_size)
             preds = [o.text.strip() for o in outs]
             scores = attribute_accuracy(m, preds, texts)
+            novel = [i for i, key in enumerate(keys) if "novel" in key]
+            seen = [i for i in range(len(keys)) if i not in set(novel)]
+            scores["by_split"] = {name: attribute_accuracy(m, [preds[i] for i in idx], [texts[i] for i in idx])["score"]
+                                  for name, idx in (("novel", novel), ("seen", seen)) if idx}
             results[f"{m}2text"] = {**scores, "examples": [{"reference": r, "prediction": p} for r, p in
                                                           zip(texts[:5], preds[:5])],
                                     "seconds": round(time.perf_counter() - t0, 1)}
@@ -158,6 +180,9 @@ def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_ite
             scores = nearest_reference_accuracy(gen_j, targets, refs_j, reference_attributes=ref_attrs,
                                                 reference_labels=[json.dumps(a, sort_keys=True) for a in ref_attrs],
                                                 codebook_size=size_j)
+            hits = _attribute_hits(scores, ref_attrs, [ref_attrs[t] for t in targets])
+            scores["by_split"] = {name: float(np.mean([hits[i] for i in idx]))
+                                  for name, idx in (("novel", novel), ("seen", seen)) if idx}
             results[f"text2{m}"] = {**scores, "empty_answers": sum(g.shape[-1] == 0 for g in generated),
                                     "seconds": round(time.perf_counter() - t0, 1)}
     return results
@@ -177,8 +202,11 @@ def _generate(lm: Any, prompts: list[np.ndarray], config: Any, batch_size: int) 
 
 
 def summary_table(results: dict[str, Any]) -> str:
-    lines = [f"{'direction':<13} {'score':>7} {'chance':>7} {'x chance':>9}"]
+    """One line per direction: score, chance, ratio, and the novel/seen split when known."""
+    lines = [f"{'direction':<13} {'score':>7} {'chance':>7} {'x chance':>9} {'novel':>7} {'seen':>7}"]
     for name, r in results.items():
         ratio = r["score"] / r["chance"] if r.get("chance") else math.nan
-        lines.append(f"{name:<13} {r['score']:>7.3f} {r['chance']:>7.3f} {ratio:>8.1f}x")
+        split = r.get("by_split", {})
+        cells = "".join(f" {split[k]:>7.3f}" if k in split else f" {'-':>7}" for k in ("novel", "seen"))
+        lines.append(f"{name:<13} {r['score']:>7.3f} {r['chance']:>7.3f} {ratio:>8.1f}x{cells}")
     return "\n".join(lines)
