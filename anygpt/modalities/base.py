@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -61,6 +61,16 @@ class Codec(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
     def save(self, directory: str | Path) -> None:
         """Write card + weights so that ``build_codec(modality, directory)`` restores this codec."""
+
+    @classmethod
+    def _tiny_from(cls, build: Callable[[], "Codec"], seed: int | None, device: Any = None) -> "Codec":
+        """Build a tiny codec with deterministic weights for ``seed`` without touching the caller's RNG."""
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            codec = build()
+        codec.card = {**getattr(codec, "card", {}), "tiny": True}
+        return codec.to(device) if device is not None else codec
 
     @property
     def device(self) -> torch.device:

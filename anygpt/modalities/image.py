@@ -401,14 +401,7 @@ class SeedImageCodec(Codec):
         """Small random SEED tokenizer (same code path): 224 px in, 32 ids of 8192, 1024-d embedding."""
         overrides = kwargs.pop("config", {}) or {}
         device = kwargs.pop("device", None)
-        with torch.random.fork_rng(devices=[]):  # deterministic weights without touching the caller's RNG
-            if seed is not None:
-                torch.manual_seed(seed)
-            codec = cls({**TINY_CONFIG, **overrides}, **kwargs)
-        codec.card = {**codec.card, "tiny": True}
-        if device is not None:
-            codec.to(device)
-        return codec
+        return cls._tiny_from(lambda: cls({**TINY_CONFIG, **overrides}, **kwargs), seed, device)
 
     @classmethod
     def official(cls, **kwargs: Any) -> "SeedImageCodec":

@@ -131,14 +131,7 @@ class EncodecMusicCodec(Codec):
         """Small random Encodec (same EncodecConfig family): 32 kHz, 50 Hz, 4 x 2048 codes."""
         overrides = kwargs.pop("config", {}) or {}
         device = kwargs.pop("device", None)
-        with torch.random.fork_rng(devices=[]):  # deterministic weights without touching the caller's RNG
-            if seed is not None:
-                torch.manual_seed(seed)
-            codec = cls(cls._build({**TINY_CONFIG, **overrides}), **kwargs)
-        codec.card = {**codec.card, "tiny": True}
-        if device is not None:
-            codec.to(device)
-        return codec
+        return cls._tiny_from(lambda: cls(cls._build({**TINY_CONFIG, **overrides}), **kwargs), seed, device)
 
     @classmethod
     def official(cls, **kwargs: Any) -> "EncodecMusicCodec":

@@ -437,14 +437,7 @@ class SpeechTokenizerCodec(Codec):
         """Small random SpeechTokenizer (same code path): 16 kHz, 50 Hz, 8 x 1024 codes."""
         overrides = kwargs.pop("config", {}) or {}
         device = kwargs.pop("device", None)
-        with torch.random.fork_rng(devices=[]):  # deterministic weights without touching the caller's RNG
-            if seed is not None:
-                torch.manual_seed(seed)
-            codec = cls({**TINY_CONFIG, **overrides}, **kwargs)
-        codec.card = {**codec.card, "tiny": True}
-        if device is not None:
-            codec.to(device)
-        return codec
+        return cls._tiny_from(lambda: cls({**TINY_CONFIG, **overrides}, **kwargs), seed, device)
 
     @classmethod
     def official(cls, **kwargs: Any) -> "SpeechTokenizerCodec":
