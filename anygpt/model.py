@@ -99,3 +99,23 @@ def resize_to_layout(model: torch.nn.Module, layout: VocabLayout) -> int:
                 w[old:] = w[:old].mean(dim=0, keepdim=True).to(w.dtype)
     model.config.vocab_size = layout.total
     return layout.total - old
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No weight-loading progress bars or info logs while loading (one clean line per event)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except Exception:  # pragma: no cover
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if was:
+            hf_logging.enable_progress_bar()

@@ -129,7 +129,9 @@ def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_ite
     from anygpt.infer.settings import GenerationConfig
     from anygpt.infer.tasks import Task, task_config, task_conversation
 
-    fmt_prompt = lambda conv: _prompt(lm, conv)  # noqa: E731
+    from anygpt.formats import SequenceFormat
+
+    fmt_prompt = SequenceFormat(lm.tokenizer, lm.layout).prompt
     # X->text is scored greedily (one best caption).  text->X samples with the per-modality defaults
     # (seeded): the argmax of every code slot is the majority code (background), so greedy media
     # collapse to one mode, while samples follow the model's conditional distribution.
@@ -186,12 +188,6 @@ def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_ite
             results[f"text2{m}"] = {**scores, "empty_answers": sum(g.shape[-1] == 0 for g in generated),
                                     "seconds": round(time.perf_counter() - t0, 1)}
     return results
-
-
-def _prompt(lm: Any, conv: Any) -> np.ndarray:
-    from anygpt.formats import SequenceFormat
-
-    return SequenceFormat(lm.tokenizer, lm.layout).prompt(conv)
 
 
 def _generate(lm: Any, prompts: list[np.ndarray], config: Any, batch_size: int) -> list[Any]:

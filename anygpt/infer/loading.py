@@ -7,7 +7,6 @@ tokenizer, so role tokens (``[MMGPT]``/``<eos>`` in the release) come from the c
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,30 +15,11 @@ import torch
 
 from anygpt.infer.generation import Generator, pick_device, pick_dtype
 from anygpt.layout import LAYOUT_FILE, LayoutError, VocabLayout
+from anygpt.model import quiet_transformers
 
 
 class ModelLoadError(ValueError):
     """The model directory cannot be used for inference (the message names the directory)."""
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """No weight-loading progress bars or info logs while loading (one clean line per event)."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except Exception:  # pragma: no cover
-        yield
-        return
-    was = hf_logging.is_progress_bar_enabled()
-    level = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if was:
-            hf_logging.enable_progress_bar()
 
 
 @dataclass

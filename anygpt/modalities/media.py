@@ -283,6 +283,16 @@ def image_to_tensor(images: Sequence["Image.Image"], size: int = 224) -> "torch.
     return (x - mean) / std
 
 
+def padded_batch(wavs: Sequence[np.ndarray], group: Sequence[int]) -> "torch.Tensor":
+    """``wavs[i]`` for ``i`` in ``group`` as one zero-padded ``[B, 1, L]`` tensor (L = longest)."""
+    import torch
+
+    batch = torch.zeros(len(group), 1, max(len(wavs[i]) for i in group))
+    for row, i in enumerate(group):
+        batch[row, 0, : len(wavs[i])] = torch.from_numpy(wavs[i])
+    return batch
+
+
 def group_by_length(lengths: Sequence[int], pad: bool) -> list[list[int]]:
     """Indices of a batch grouped so that each group runs as one forward pass.
 
@@ -315,4 +325,5 @@ __all__ = [
     "save_image",
     "image_to_tensor",
     "group_by_length",
+    "padded_batch",
 ]

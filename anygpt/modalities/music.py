@@ -12,7 +12,6 @@ get at the encoder output that ``fit`` needs.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from pathlib import Path
@@ -21,10 +20,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from anygpt.model import quiet_transformers
 from anygpt.modalities import register_codec
 from anygpt.modalities.base import Codec, CodecError
 from anygpt.modalities.cards import card_label, check_codec_matches, load_card, resolve_files, write_card
-from anygpt.modalities.media import coerce_audio, group_by_length
+from anygpt.modalities.media import coerce_audio, group_by_length, padded_batch
 
 # facebook/encodec_32khz config.json (model part).
 OFFICIAL_CONFIG: dict[str, Any] = {
@@ -57,29 +57,6 @@ OFFICIAL_CONFIG: dict[str, Any] = {
 # the vocabulary layout depends on them.
 TINY_CONFIG: dict[str, Any] = {**OFFICIAL_CONFIG, "num_filters": 8, "hidden_size": 32, "codebook_dim": 32,
                                "num_lstm_layers": 1}
-
-
-def _quiet_transformers():
-    """Silence the weight-loading progress bar/logs for the duration of a load."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except Exception:  # pragma: no cover
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def ctx():
-        was = hf_logging.is_progress_bar_enabled()
-        level = hf_logging.get_verbosity()
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-        try:
-            yield
-        finally:
-            hf_logging.set_verbosity(level)
-            if was:
-                hf_logging.enable_progress_bar()
-
-    return ctx()
 
 
 @register_codec("music")
@@ -123,7 +100,7 @@ class EncodecMusicCodec(Codec):
     def _build(config: dict[str, Any]) -> Any:
         from transformers import EncodecConfig, EncodecModel
 
-        with _quiet_transformers():
+        with quiet_transformers():
             return EncodecModel(EncodecConfig(**config))
 
     @classmethod
@@ -154,7 +131,7 @@ class EncodecMusicCodec(Codec):
         files = resolve_files(card, directory)
         device = kwargs.pop("device", None)
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 model, info = EncodecModel.from_pretrained(str(directory), output_loading_info=True)
         except Exception as exc:
             raise CodecError(f"{card_label(card)}: cannot load {directory} "
@@ -173,7 +150,7 @@ class EncodecMusicCodec(Codec):
         """``save_pretrained`` (config.json + model.safetensors) + ``card.yaml``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        with _quiet_transformers():
+        with quiet_transformers():
             self.model.save_pretrained(str(directory))
         write_card(self.card, directory, **card_updates)
 
@@ -227,11 +204,7 @@ class EncodecMusicCodec(Codec):
         wavs = [coerce_audio(w, self.sample_rate, f"music item {i}") for i, w in enumerate(items)]
         out: list[np.ndarray | None] = [None] * len(wavs)
         for group in group_by_length([len(w) for w in wavs], self.pad_batches):
-            length = max(len(wavs[i]) for i in group)
-            batch = torch.zeros(len(group), 1, length)
-            for row, i in enumerate(group):
-                batch[row, 0, : len(wavs[i])] = torch.from_numpy(wavs[i])
-            codes = self.encode_tensor(batch).cpu()
+            codes = self.encode_tensor(padded_batch(wavs, group)).cpu()
             for row, i in enumerate(group):
                 out[i] = codes[row, :, : self.num_frames(len(wavs[i]))].numpy().astype(np.int64)
         return out  # type: ignore[return-value]

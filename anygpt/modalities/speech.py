@@ -41,7 +41,7 @@ from anygpt.modalities.cards import (
     strict_load,
     write_card,
 )
-from anygpt.modalities.media import coerce_audio, group_by_length
+from anygpt.modalities.media import coerce_audio, group_by_length, padded_batch
 
 WEIGHTS_NAME = "SpeechTokenizer.pt"
 CONFIG_NAME = "config.json"
@@ -545,11 +545,7 @@ class SpeechTokenizerCodec(Codec):
         wavs = [coerce_audio(w, self.sample_rate, f"speech item {i}") for i, w in enumerate(items)]
         out: list[np.ndarray | None] = [None] * len(wavs)
         for group in group_by_length([len(w) for w in wavs], self.pad_batches):
-            length = max(len(wavs[i]) for i in group)
-            batch = torch.zeros(len(group), 1, length)
-            for row, i in enumerate(group):
-                batch[row, 0, : len(wavs[i])] = torch.from_numpy(wavs[i])
-            codes = self.encode_tensor(batch).cpu()  # [n_q, B, T]
+            codes = self.encode_tensor(padded_batch(wavs, group)).cpu()  # [n_q, B, T]
             for row, i in enumerate(group):
                 out[i] = codes[:, row, : self.num_frames(len(wavs[i]))].numpy().astype(np.int64)
         return out  # type: ignore[return-value]
