@@ -73,7 +73,7 @@ def build_parser(subcommands: list[str] = SUBCOMMANDS) -> argparse.ArgumentParse
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # subcommands take key=value overrides anywhere after their flags
+    args = parser.parse_args(argv)  # key=value overrides must form one group (e.g. all after the flags)
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
