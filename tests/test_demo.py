@@ -8,10 +8,11 @@ import pytest
 from PIL import Image
 
 DIRECTIONS = ("image2text", "text2image", "speech2text", "text2speech", "music2text", "text2music")
-# The direction the quick demo learns reliably within its budget (measured: image2text 1.5x chance;
-# the others are near chance at quick size; the full demo is measured in
-# the README/report; these are the "easiest directions beat chance" check of CI).
-EASIEST = ("image2text",)
+# The directions the quick demo learns within its budget (measured: image2text 2.2x chance, speech2text
+# 1.9x, music2text 1.6x; text->X 0.8-1.6x at quick size; the full demo is measured in the README/report).
+# These are CI's "easiest directions beat chance" check, with a margin.
+EASIEST = ("image2text", "speech2text", "music2text")
+MARGIN = 1.25
 
 
 @pytest.mark.slow
@@ -28,7 +29,7 @@ def test_quick_demo_end_to_end(tmp_path):
         assert 0.0 <= r["score"] <= 1.0 and 0.0 < r["chance"] < 1.0, name
     for name in EASIEST:
         r = report["directions"][name]
-        assert r["score"] > r["chance"], (name, r["score"], r["chance"])
+        assert r["score"] > MARGIN * r["chance"], (name, r["score"], r["chance"])
     for m in ("image", "speech", "music"):
         assert all(c["used"] > 1 for c in report["codebooks"][m]["codebooks"]), m
         assert report["shards"][f"train_{m}"]["written"] > 0

@@ -206,6 +206,10 @@ def test_music_factors_are_audible():
         rms = np.sqrt((x[: len(x) // 320 * 320].reshape(-1, 320) ** 2).mean(1))
         return int((np.diff(rms) > 0.05 * rms.max()).sum())
 
+    def rest_fraction(x):
+        rms = np.sqrt((x[: len(x) // 320 * 320].reshape(-1, 320) ** 2).mean(1))
+        return float((rms < 0.01 * rms.max()).mean())
+
     def centroid(x):
         s = np.abs(np.fft.rfft(x))
         return float((s * np.fft.rfftfreq(len(x), 1 / sr)).sum() / s.sum())
@@ -219,6 +223,8 @@ def test_music_factors_are_audible():
         slow = render_music({"tempo": "slow", "scale": "major", "timbre": t})
         fast = render_music({"tempo": "fast", "scale": "major", "timbre": t})
         assert onsets(fast) > onsets(slow), t
+        # fast melodies are staccato: rests between notes in every clip, slow ones legato (no rests)
+        assert rest_fraction(fast) > 0.2 > 0.05 > rest_fraction(slow), t
     flute = render_music({"tempo": "slow", "scale": "major", "timbre": "flute"})
     organ = render_music({"tempo": "slow", "scale": "major", "timbre": "organ"})
     assert centroid(organ) > 2 * centroid(flute)

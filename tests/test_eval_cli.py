@@ -38,3 +38,47 @@ def test_bench_ratios_and_machine():
     assert found == {"a.speedup": 2.0, "rows[0].real_time_factor": 3.0, "ratio": 1.5}
     info = machine()
     assert info["cpus"] >= 1 and info["packages"]["torch"]
+
+
+def _tiny_asr_dir(path):
+    """A random wav2vec 2.0 CTC model with its tokenizer and feature extractor, saved like a real one."""
+    from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor,
+                              Wav2Vec2ForCTC)
+
+    path.mkdir(parents=True)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, **{c: 5 + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")}}
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    Wav2Vec2CTCTokenizer(str(path / "vocab.json")).save_pretrained(path)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000).save_pretrained(path)
+    cfg = Wav2Vec2Config(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=37, conv_dim=(32, 32), conv_kernel=(10, 3), conv_stride=(5, 2),
+                         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, do_stable_layer_norm=True,
+                         feat_extract_norm="layer", pad_token_id=0)
+    Wav2Vec2ForCTC(cfg).save_pretrained(path)
+    return path
+
+
+def test_eval_generate_scores_asr_captions_and_tts_through_an_asr_model(tmp_path):
+    from anygpt.infer.testing import build_tiny_model_dir
+    from anygpt.train.bench import synthetic_corpus
+
+    model = build_tiny_model_dir(tmp_path / "m")
+    shards = synthetic_corpus(tmp_path / "data", pairs=4, conversations=2, eval_pairs=6, tokenizer=False)
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "anygpt.cli", "eval", "--model", str(model), "--data",
+                           shards["eval"], "--generate", "--items", "2", "--codecs", "tiny",
+                           "--asr-model", str(_tiny_asr_dir(tmp_path / "asr")), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gen = json.loads(out.read_text())["generate"]
+    assert {"asr", "caption_image", "tts"} <= set(gen), set(gen)
+    # A random LM and a random ASR model: the numbers are bad but real, over the items asked for.
+    assert gen["asr"]["n"] == 2 and gen["asr"]["wer"] >= 0.5  # the 6 eval pairs hold 2 per modality
+    assert gen["caption_image"]["n"] >= 1 and 0.0 <= gen["caption_image"]["bleu1"] <= 1.0
+    assert gen["tts"]["n"] == 2 and gen["tts"]["wer"] > 0 and math.isfinite(gen["tts"]["reference_wer"])
+    assert "WER" in proc.stdout and "BLEU-4" in proc.stdout
+    # Without an ASR model, tts is skipped with a note; a bad ASR directory is a one-line error.
+    proc = subprocess.run([sys.executable, "-m", "anygpt.cli", "eval", "--model", str(model), "--data", shards["eval"],
+                           "--generate", "--items", "2", "--tasks", "tts", "--codecs", "tiny",
+                           "--asr-model", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "config.json" in proc.stderr

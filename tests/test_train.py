@@ -125,6 +125,34 @@ def test_token_loss_matches_cross_entropy_and_splits_by_modality_and_task(tiny_l
     logits[1, 3, 0] = float("nan")
     _, _, bad = lf(logits, labels, tasks)
     assert bad == [1]  # the row whose loss is not finite (its sample keys get logged)
+    flat = logits[torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1), value=False)]
+    assert lf(flat, labels, tasks)[2] == [1]  # [N, V] logits at the target positions: same rows
+
+
+def test_lm_head_only_at_targets_gives_the_full_forward_loss_and_gradients(tiny_layout):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from anygpt.data import TASK_NAMES
+    from anygpt.train.losses import TokenLoss, logits_only_at, target_positions
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tiny_layout.total, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg)
+    lf = TokenLoss(tiny_layout, TASK_NAMES, torch.device("cpu"))
+    ids = torch.randint(0, 500, (3, 16))
+    labels = ids.clone()
+    labels[:, :9] = -100
+    labels[1, 12:] = -100
+    full_loss, full_stats, _ = lf(model(input_ids=ids).logits, labels)
+    full_grad = torch.autograd.grad(full_loss, model.lm_head.weight)[0]
+    with logits_only_at(model, target_positions(labels)):
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (int((labels[:, 1:] != -100).sum()), tiny_layout.total)
+    loss, stats, _ = lf(logits, labels)
+    assert torch.allclose(loss, full_loss, atol=1e-6) and torch.allclose(stats, full_stats, atol=1e-5)
+    assert torch.allclose(torch.autograd.grad(loss, model.lm_head.weight)[0], full_grad, atol=1e-7)
+    assert model(input_ids=ids).logits.shape == (3, 16, tiny_layout.total)  # hook gone after the block
 
 
 # ---------------------------------------------------------------------------- metrics + plot

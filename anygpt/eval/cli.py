@@ -15,7 +15,18 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="held-out shards: file, glob, brace pattern or directory")
     p.add_argument("--demo", default=None, help="demo output dir: also score the synthetic task's directions")
     p.add_argument("--codecs", default=None, help="codecs directory (default MODEL/codecs)")
-    p.add_argument("--items", type=int, default=24, help="held-out items per direction (synthetic task)")
+    p.add_argument("--items", type=int, default=48, help="held-out items per direction (synthetic task, --generate)")
+    p.add_argument("--set", dest="settings", action="append", default=None, metavar="MODE.FIELD=VALUE",
+                   help="text->X sampling override for the synthetic task, repeatable (default: "
+                        "all.repetition_penalty=1.0)")
+    p.add_argument("--generate", action="store_true",
+                   help="also let the model answer held-out pairs: ASR WER (speech->text), captioning BLEU "
+                        "(image/music->text) and, with --asr-model, TTS intelligibility (text->speech)")
+    p.add_argument("--tasks", default="asr,caption,tts", help="with --generate: comma-separated subset of "
+                                                               "asr,caption,tts (tts runs only with --asr-model)")
+    p.add_argument("--asr-model", default=None, help="local ASR model directory (Whisper, wav2vec 2.0 CTC...) "
+                                                     "that transcribes generated speech for --generate's tts")
+    p.add_argument("--soundstorm", default=None, help="SoundStorm decoder for tts (default MODEL/soundstorm)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(handler=run_eval)
@@ -37,8 +48,25 @@ def run_eval(args: argparse.Namespace) -> int:
         from anygpt.modalities import load_codecs
 
         codecs = load_codecs(args.codecs or Path(args.model) / "codecs")
-        result["directions"] = evaluate_synthetic(lm, codecs, Path(args.demo) / "shards", n_items=args.items)
+        from anygpt.eval.run import SYNTHETIC_SAMPLING
+
+        result["directions"] = evaluate_synthetic(lm, codecs, Path(args.demo) / "shards", n_items=args.items,
+                                                  sampling=args.settings or SYNTHETIC_SAMPLING)
         print(summary_table(result["directions"]))
+    if args.generate:
+        from anygpt.eval.real import evaluate_real, summary_lines
+        from anygpt.infer.mediaio import MediaIO, resolve_codecs, resolve_soundstorm
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if args.asr_model is None and "tts" in tasks:
+            tasks.remove("tts")
+            print("note: no --asr-model: tts intelligibility is skipped")
+        model_dir = Path(args.model)
+        codecs = resolve_codecs(args.codecs, model_dir)
+        media = MediaIO(lm.layout, codecs, resolve_soundstorm(args.soundstorm, model_dir, codecs), lm.device,
+                        speech_seed=0)
+        result["generate"] = evaluate_real(lm, media, data, items=args.items, tasks=tasks, asr_model=args.asr_model)
+        print("\n".join(summary_lines(result["generate"])))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
         print(f"wrote {args.out}")

@@ -6,7 +6,10 @@ Three numbers on the same engine, model and batch shape (one rank, in this proce
   non-finite guard, backward, step, stats all-reduce);
 - bare step: ``loss = engine(**batch, labels=...).loss; engine.backward(loss); engine.step()`` on one
   fixed batch (the floor any trainer pays);
-- loader: batches/s and tokens/s of ``next(loader)`` alone, against the tokens/s training consumes.
+- loader: batches/s and tokens/s of ``next(loader)`` alone, against the tokens/s training consumes;
+- LM head only at targets: the bare step again with response-only labels (what stage 2 trains on),
+  once with full ``[B, L, V]`` logits and once under :func:`~anygpt.train.losses.logits_only_at`
+  (what the trainer does), so the ratio is the saving of computing the head only where there is a target.
 
 Also :func:`synthetic_corpus` (tiny tokenizer + shards in the ``data_pipeline`` schema), used by the
 benchmark and the training tests.
@@ -105,6 +108,7 @@ def bench_train(steps: int = 10, seq_len: int = 256, micro_batch_size: int = 4, 
     """
     from anygpt.config import load_train_config
     from anygpt.train.loop import Trainer
+    from anygpt.train.losses import IGNORE, logits_only_at, target_positions
 
     tmp = tempfile.TemporaryDirectory(prefix="anygpt-bench-train-") if workdir is None else None
     root = Path(workdir or tmp.name)
@@ -128,12 +132,29 @@ def bench_train(steps: int = 10, seq_len: int = 256, micro_batch_size: int = 4, 
             engine.backward(out.loss)
             engine.step()
 
+        # Response-only labels: the head's cost depends only on how many positions have a target, so
+        # keeping the targets of the last 30 % of each row stands for "answers only".
+        answer = labels.clone()
+        answer[:, : int(labels.shape[1] * 0.7)] = IGNORE
+        head_at = target_positions(answer)
+
+        def full_head() -> None:
+            loss = trainer.loss_fn(engine(**inputs).logits, answer)[0]
+            engine.backward(loss)
+            engine.step()
+
+        def head_at_targets() -> None:
+            with logits_only_at(engine.module, head_at):
+                logits = engine(**inputs).logits
+            engine.backward(trainer.loss_fn(logits, answer)[0])
+            engine.step()
+
         for _ in range(warmup):
             trainer.train_step()
             bare()
         # Interleaved blocks, best of each: on a shared machine the noise between two back-to-back
         # measurements is larger than the difference being measured.
-        trainer_s = bare_s = float("inf")
+        trainer_s = bare_s = full_s = targets_s = float("inf")
         train_tps = 0.0
         for _ in range(repeats):
             tokens_before = trainer.tokens
@@ -141,6 +162,8 @@ def bench_train(steps: int = 10, seq_len: int = 256, micro_batch_size: int = 4, 
             if t < trainer_s:
                 trainer_s, train_tps = t, (trainer.tokens - tokens_before) / (t * steps)
             bare_s = min(bare_s, _mean_time(bare, steps))
+            full_s = min(full_s, _mean_time(full_head, steps))
+            targets_s = min(targets_s, _mean_time(head_at_targets, steps))
 
         n_batches = 4 * steps
         t0 = time.perf_counter()
@@ -157,6 +180,8 @@ def bench_train(steps: int = 10, seq_len: int = 256, micro_batch_size: int = 4, 
             "train_tokens_per_s": train_tps, "loader_batches_per_s": n_batches / loader_s,
             "loader_tokens_per_s": tok / loader_s, "loader_headroom": (tok / loader_s) / max(train_tps, 1e-9),
             "packing_efficiency": stats.get("packing_efficiency"),
+            "target_fraction": float(head_at.float().mean()), "full_head_step_s": full_s,
+            "head_at_targets_step_s": targets_s, "head_at_targets_speedup": full_s / targets_s,
         }
         if verbose:
             print(f"bench train ({model}, {result['params'] / 1e6:.2f}M params, {micro_batch_size}x{seq_len} tokens, "
@@ -166,6 +191,9 @@ def bench_train(steps: int = 10, seq_len: int = 256, micro_batch_size: int = 4, 
             print(f"  training consumes {train_tps:9.0f} tokens/s")
             print(f"  loader alone      {result['loader_tokens_per_s']:9.0f} tokens/s "
                   f"({result['loader_batches_per_s']:.1f} batches/s, headroom x{result['loader_headroom']:.1f})")
+            print(f"  response-only loss ({result['target_fraction']:.0%} of positions are targets): full LM head "
+                  f"{full_s * 1e3:.1f} ms, head at targets {targets_s * 1e3:.1f} ms, "
+                  f"speed-up x{result['head_at_targets_speedup']:.2f}")
         return json.loads(json.dumps(result, default=float))
     finally:
         if tmp is not None:

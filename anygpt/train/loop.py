@@ -148,6 +148,14 @@ class Trainer:
             torch.distributed.all_reduce(t)
         return t
 
+    def _forward_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Forward one micro-batch with the LM head only at target positions; (loss, stats, bad rows)."""
+        from anygpt.train.losses import logits_only_at, target_positions
+
+        with logits_only_at(self.engine.module, target_positions(batch["labels"])):
+            logits = self.engine(**self._inputs(batch)).logits
+        return self.loss_fn(logits, batch["labels"], batch.get("tasks"))
+
     def train_step(self) -> dict:
         """One optimizer step (``grad_accum`` micro-batches); returns the global step stats."""
         engine, step_no = self.engine, self.step + 1
@@ -159,9 +167,7 @@ class Trainer:
         bad_keys: list[str] = []
         for _ in range(self.cfg.optim.grad_accum):
             batch = next(self.loader)
-            out = engine(**self._inputs(batch))
-            loss, stats, bad_rows = self.loss_fn(out.logits, batch["labels"], batch.get("tasks"))
-            del out
+            loss, stats, bad_rows = self._forward_loss(batch)
             if self.faults.active("nan_loss", step_no):
                 loss, bad_rows = loss * float("nan"), list(range(batch["input_ids"].shape[0]))
             if torch.isfinite(loss):
@@ -253,9 +259,7 @@ class Trainer:
         for i, batch in enumerate(self.eval_loader):
             if limit and i >= limit:
                 break
-            out = engine(**self._inputs(batch))
-            _, s, _ = self.loss_fn(out.logits, batch["labels"], batch.get("tasks"))
-            stats += s
+            stats += self._forward_loss(batch)[1]
         engine.train()
         self._all_reduce(stats)
         by_mod, by_task = self.loss_fn.summarize(stats)

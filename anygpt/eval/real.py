@@ -1,0 +1,168 @@
+"""Real-data harness of ``anygpt eval --generate``: the model answers held-out shard samples.
+
+For every held-out ``(text, media)`` pair in the shards (the ``data_pipeline`` schema), up to
+``items`` per modality:
+
+- ``asr``: speech -> text, greedy; corpus WER (jiwer, :func:`~anygpt.eval.synthetic.normalize_text`
+  on both sides) against the sample's transcript;
+- ``caption``: image -> text and music -> text, greedy; corpus BLEU-1..4 and exact match against the
+  sample's caption (:func:`~anygpt.eval.synthetic.caption_metrics`);
+- ``tts`` (needs an ASR model directory, e.g. a local Whisper or wav2vec 2.0 CTC export that
+  ``transformers.pipeline("automatic-speech-recognition")`` loads): text -> speech, sampled with the
+  speech defaults; the speech is rendered (SoundStorm + SpeechTokenizer, as the chat does), transcribed
+  by the ASR model and scored by WER against the text: intelligibility.  The same ASR model also
+  transcribes the *reference* codes resynthesised by the codec, so the report shows the ceiling that
+  codec + ASR allow (``reference_wer``) next to the model's ``wer``.
+
+Samples without text, conversation samples and modalities not in the layout are skipped and counted.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+TASKS = ("asr", "caption", "tts")
+
+
+def held_out_pairs(shards: str, modalities: Sequence[str], items: int) -> tuple[dict[str, list], dict[str, int]]:
+    """Up to ``items`` ``(key, text, codes)`` per modality from the shards, and skip counts by reason."""
+    from anygpt.data.shards import expand_shards
+    from data_pipeline.shards import iter_samples
+
+    pairs: dict[str, list] = {m: [] for m in modalities}
+    skipped = {"no_text": 0, "conversation": 0, "other_modality": 0}
+    for sample in iter_samples(expand_shards(shards)):
+        meta = sample.get("json") or {}
+        if "conversation" in meta:
+            skipped["conversation"] += 1
+            continue
+        found = [m for m in modalities if f"{m}.npy" in sample]
+        if not found:
+            skipped["other_modality"] += 1
+            continue
+        text = str(meta.get("text") or "").strip()
+        if not text:
+            skipped["no_text"] += 1
+            continue
+        m = found[0]
+        if len(pairs[m]) < items:
+            pairs[m].append((sample["__key__"], text, sample[f"{m}.npy"]))
+        if all(len(v) >= items for v in pairs.values()):
+            break
+    return pairs, skipped
+
+
+def load_asr(asr_model: str | Path, device: Any) -> Any:
+    """A ``transformers`` ASR pipeline from a local directory (no download); one-line error otherwise."""
+    from transformers import pipeline
+
+    path = Path(asr_model)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--asr-model {path}: not a local Hugging Face model directory (no config.json)")
+    dev = device if getattr(device, "type", "cpu") == "cuda" else -1
+    return pipeline("automatic-speech-recognition", model=str(path), device=dev)
+
+
+def transcribe(asr: Any, waves: Sequence[np.ndarray], sample_rate: int) -> list[str]:
+    """Transcribe waveforms at ``sample_rate``, resampled to the ASR model's own rate."""
+    import soxr
+
+    target = int(asr.feature_extractor.sampling_rate)
+    inputs = [{"raw": (soxr.resample(w, sample_rate, target) if sample_rate != target else w).astype(np.float32),
+               "sampling_rate": target} for w in waves]
+    return [str(r["text"]) for r in asr(inputs, batch_size=8)]
+
+
+def evaluate_real(lm: Any, media: Any, shards: str, *, items: int = 100, tasks: Sequence[str] = TASKS,
+                  asr_model: str | Path | None = None, batch_size: int = 8, seed: int = 0) -> dict[str, Any]:
+    """Run the harness (see the module docstring); returns one dict per task that ran."""
+    from anygpt.eval.run import _generate
+    from anygpt.eval.synthetic import asr_wer, caption_metrics
+    from anygpt.formats import Media, SequenceFormat
+    from anygpt.infer.settings import GenerationConfig
+    from anygpt.infer.tasks import Task, task_config, task_conversation
+
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown eval task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    if "tts" in tasks and asr_model is None:
+        raise ValueError("the tts task needs --asr-model DIR (a local speech recognition model)")
+    modalities = [m for m in ("speech", "image", "music") if m in lm.layout.modalities]
+    pairs, skipped = held_out_pairs(shards, modalities, items)
+    prompt = SequenceFormat(lm.tokenizer, lm.layout).prompt
+    greedy = GenerationConfig(max_new_tokens=512, seed=seed).with_greedy()
+    results: dict[str, Any] = {"skipped": skipped}
+
+    def to_text(m: str) -> tuple[list[str], list[str]]:
+        k = lm.layout.modality(m).num_codebooks
+        task = Task(m, "text", "<eval>")
+        prompts = [prompt(task_conversation(task, Media(m, codes[:k]))) for _, _, codes in pairs[m]]
+        outs = _generate(lm, prompts, task_config(task, greedy), batch_size)
+        return [o.text.strip() for o in outs], [t for _, t, _ in pairs[m]]
+
+    if "asr" in tasks and pairs.get("speech"):
+        t0 = time.perf_counter()
+        hyps, refs = to_text("speech")
+        results["asr"] = {**asr_wer(hyps, refs), "examples": _examples(hyps, refs),
+                          "seconds": round(time.perf_counter() - t0, 1)}
+    if "caption" in tasks:
+        for m in ("image", "music"):
+            if pairs.get(m):
+                t0 = time.perf_counter()
+                hyps, refs = to_text(m)
+                results[f"caption_{m}"] = {**caption_metrics(hyps, refs), "examples": _examples(hyps, refs),
+                                           "seconds": round(time.perf_counter() - t0, 1)}
+    if "tts" in tasks and pairs.get("speech"):
+        t0 = time.perf_counter()
+        asr = load_asr(asr_model, lm.device)
+        texts = [t for _, t, _ in pairs["speech"]]
+        task = Task("text", "speech", "<eval>")
+        sampled = GenerationConfig(max_new_tokens=1500, seed=seed)
+        outs = _generate(lm, [prompt(task_conversation(Task("text", "speech", t), None)) for t in texts],
+                         task_config(task, sampled), batch_size)
+        codec = media.codec("speech")
+        sr = int(codec.sample_rate)
+        waves, empty = [], 0
+        for o in outs:
+            spans = [p for p in o.parts if isinstance(p, Media) and p.modality == "speech"]
+            if not spans or spans[0].codes.shape[-1] == 0:
+                empty += 1
+                waves.append(np.zeros(sr // 10, dtype=np.float32))  # silence: transcribed as (almost) nothing
+                continue
+            full = media.speech_codes(np.asarray(spans[0].codes[0], dtype=np.int64), None, [])
+            waves.append(np.asarray(codec.decode([full])[0], dtype=np.float32))
+        hyps = transcribe(asr, waves, sr)
+        reference = [np.asarray(codec.decode([codes])[0], dtype=np.float32) for _, _, codes in pairs["speech"]]
+        ref_hyps = transcribe(asr, reference, sr)
+        results["tts"] = {**asr_wer(hyps, texts), "reference_wer": asr_wer(ref_hyps, texts)["wer"],
+                          "empty_answers": empty, "examples": _examples(hyps, texts),
+                          "seconds": round(time.perf_counter() - t0, 1)}
+    return results
+
+
+def _examples(hyps: Sequence[str], refs: Sequence[str], n: int = 5) -> list[dict[str, str]]:
+    return [{"reference": r, "prediction": h} for h, r in zip(hyps[:n], refs[:n])]
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """One line per task for the console."""
+    lines = []
+    if "asr" in results:
+        r = results["asr"]
+        lines.append(f"asr (speech->text)    WER {r['wer']:.3f} on {r['n']} utterances")
+    for m in ("image", "music"):
+        if f"caption_{m}" in results:
+            r = results[f"caption_{m}"]
+            lines.append(f"caption ({m}->text) BLEU-4 {r['bleu4']:.3f}  BLEU-1 {r['bleu1']:.3f}  "
+                         f"exact {r['exact_match']:.3f} on {r['n']}")
+    if "tts" in results:
+        r = results["tts"]
+        lines.append(f"tts (text->speech)    ASR WER {r['wer']:.3f} (reference resynthesis {r['reference_wer']:.3f}) "
+                     f"on {r['n']}")
+    skipped = {k: v for k, v in results.get("skipped", {}).items() if v}
+    if skipped:
+        lines.append("skipped samples: " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
+    return lines
