@@ -89,8 +89,18 @@ def fitted_dir(tmp_path_factory, media_files) -> Path:
     from anygpt.modalities.cli import main
 
     out = tmp_path_factory.mktemp("codecs")
-    for m in ("speech", "music", "image"):
-        rc = main(["codec", "fit", "--modality", m, "--inputs", *map(str, media_files[m]), "--out", str(out),
+    # SEED's one codebook serves all 32 query slots, whose vectors differ mostly by slot: k-means needs a
+    # few clusters per slot to see content (3 pictures give 24 clusters for 32 slots, so every picture
+    # got the same codes).  The image fit also sees the pictures flipped and turned: 12 inputs, 96 codes.
+    extra = tmp_path_factory.mktemp("flipped")
+    flips = (Image.FLIP_LEFT_RIGHT, Image.FLIP_TOP_BOTTOM, Image.ROTATE_180)
+    images = list(media_files["image"])
+    for k, path in enumerate(media_files["image"]):
+        for j, how in enumerate(flips):
+            images.append(extra / f"image{k}-{j}.png")
+            Image.open(path).transpose(how).save(images[-1])
+    for m, inputs in (("speech", media_files["speech"]), ("music", media_files["music"]), ("image", images)):
+        rc = main(["codec", "fit", "--modality", m, "--inputs", *map(str, inputs), "--out", str(out),
                    "--iters", "10"])
         assert rc == 0
     return out
@@ -523,6 +533,8 @@ def test_fit_codebooks_report_and_kmeans():
     report = fit_codebooks(codec, [tone(16000, 1.0, k) for k in range(3)], iters=5)
     assert report.vectors == 150 and len(report.codebooks) == 8
     assert report.codebooks[0].used > 1 and report.codebooks[0].perplexity > 1
+    few = fit_codebooks(build_codec("image", "tiny"), [picture(k) for k in range(3)], iters=2)
+    assert few.notes and "query slots" in few.summary()  # too few images for a shared 32-slot codebook
     assert "speech[0]:" in report.summary()
     assert codec.quantizer.vq.layers[0]._codebook.inited.item() == 1
 

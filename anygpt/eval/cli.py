@@ -1,4 +1,5 @@
-"""``anygpt eval``: held-out loss per modality and direction, plus the synthetic task's directions."""
+"""``anygpt eval``: held-out loss per modality and direction, the synthetic task's directions
+(``--demo``), and the real-data harness (``--generate``: ASR WER, captioning, TTS intelligibility)."""
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from anygpt.eval.run import evaluate_synthetic, shard_loss, summary_table
+    from anygpt.eval.run import SYNTHETIC_SAMPLING, evaluate_synthetic, shard_loss, summary_table
     from anygpt.infer.loading import load_lm
 
     data = args.data
@@ -48,8 +49,6 @@ def run_eval(args: argparse.Namespace) -> int:
         from anygpt.modalities import load_codecs
 
         codecs = load_codecs(args.codecs or Path(args.model) / "codecs")
-        from anygpt.eval.run import SYNTHETIC_SAMPLING
-
         result["directions"] = evaluate_synthetic(lm, codecs, Path(args.demo) / "shards", n_items=args.items,
                                                   sampling=args.settings or SYNTHETIC_SAMPLING)
         print(summary_table(result["directions"]))

@@ -44,6 +44,7 @@ class FitReport:
     iters: int
     seconds: float
     codebooks: list[CodebookUsage] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,7 +52,7 @@ class FitReport:
     def summary(self) -> str:
         head = (f"fit {self.modality}: {self.inputs} inputs, {self.vectors} vectors, "
                 f"{self.iters} k-means iterations, {self.seconds:.1f}s")
-        return "\n".join([head] + ["  " + c.line() for c in self.codebooks])
+        return "\n".join([head] + ["  " + c.line() for c in self.codebooks] + [f"  note: {n}" for n in self.notes])
 
 
 # ------------------------------------------------------------------------------------ k-means ---
@@ -188,6 +189,12 @@ def fit_codebooks(codec: Codec, items: Sequence[Any], *, iters: int = 20, seed: 
         if layer + 1 < len(books):
             residual = residual - centroids[_nearest(residual, centroids)]
     report = FitReport(codec.modality, len(items), int(x.shape[0]), iters, 0.0, codebook_usage(codec, items))
+    slots = int(getattr(codec, "config", {}).get("num_query_tokens", 0)) if codec.modality == "image" else 0
+    if slots and report.codebooks[0].used < 2 * slots:
+        # One codebook serves every query slot and slot vectors differ mostly by slot: with fewer than a
+        # couple of codes per slot, different images get (nearly) the same codes.
+        report.notes.append(f"only {report.codebooks[0].used} codes for {slots} query slots: images will "
+                            f"hardly differ in codes; fit on at least {2 * min_per_cluster} images")
     report.seconds = time.perf_counter() - t0
     return report
 
