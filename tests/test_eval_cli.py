@@ -64,19 +64,22 @@ def test_eval_generate_scores_asr_captions_and_tts_through_an_asr_model(tmp_path
 
     model = build_tiny_model_dir(tmp_path / "m")
     shards = synthetic_corpus(tmp_path / "data", pairs=4, conversations=2, eval_pairs=6, tokenizer=False)
+    (tmp_path / "data" / "eval" / "zz-broken.tar").write_bytes(b"not a tar archive" * 64)  # a corrupt shard
     out = tmp_path / "eval.json"
     proc = subprocess.run([sys.executable, "-m", "anygpt.cli", "eval", "--model", str(model), "--data",
-                           shards["eval"], "--generate", "--items", "2", "--codecs", "tiny",
+                           shards["eval"], "--generate", "--items", "5", "--codecs", "tiny",
                            "--asr-model", str(_tiny_asr_dir(tmp_path / "asr")), "--out", str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     gen = json.loads(out.read_text())["generate"]
     assert {"asr", "caption_image", "tts"} <= set(gen), set(gen)
     # A random LM and a random ASR model: the numbers are bad but real, over the items asked for.
-    assert gen["asr"]["n"] == 2 and gen["asr"]["wer"] >= 0.5  # the 6 eval pairs hold 2 per modality
+    # 5 asked for, the 6 eval pairs hold 2 per modality: every shard is read, the broken one skipped.
+    assert gen["asr"]["n"] == 2 and gen["asr"]["wer"] >= 0.5
     assert gen["caption_image"]["n"] >= 1 and 0.0 <= gen["caption_image"]["bleu1"] <= 1.0
     assert gen["tts"]["n"] == 2 and gen["tts"]["wer"] > 0 and math.isfinite(gen["tts"]["reference_wer"])
     assert "WER" in proc.stdout and "BLEU-4" in proc.stdout
+    assert gen["skipped"]["corrupt_shards"] == 1 and "zz-broken.tar" in proc.stderr
     # Without an ASR model, tts is skipped with a note; a bad ASR directory is a one-line error.
     proc = subprocess.run([sys.executable, "-m", "anygpt.cli", "eval", "--model", str(model), "--data", shards["eval"],
                            "--generate", "--items", "2", "--tasks", "tts", "--codecs", "tiny",

@@ -37,6 +37,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from anygpt.eval.run import SYNTHETIC_SAMPLING, evaluate_synthetic, shard_loss, summary_table
     from anygpt.infer.loading import load_lm
 
+    if args.generate and args.asr_model is not None:
+        from anygpt.eval.real import check_asr_dir
+
+        check_asr_dir(args.asr_model)  # a bad --asr-model fails before any model is loaded
     data = args.data
     if Path(data).is_dir():
         data = str(Path(data) / "*.tar")

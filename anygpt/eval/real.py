@@ -14,13 +14,15 @@ For every held-out ``(text, media)`` pair in the shards (the ``data_pipeline`` s
   transcribes the *reference* codes resynthesised by the codec, so the report shows the ceiling that
   codec + ASR allow (``reference_wer``) next to the model's ``wer``.
 
-Samples without text, conversation samples and modalities not in the layout are skipped and counted.
+Samples without text, conversation samples, modalities not in the layout, codes outside the layout's
+range and unreadable shards are skipped, counted (``skipped`` in the result) and logged; the run goes on.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -30,11 +32,10 @@ TASKS = ("asr", "caption", "tts")
 def held_out_pairs(shards: str, modalities: Sequence[str], items: int) -> tuple[dict[str, list], dict[str, int]]:
     """Up to ``items`` ``(key, text, codes)`` per modality from the shards, and skip counts by reason."""
     from anygpt.data.shards import expand_shards
-    from data_pipeline.shards import iter_samples
 
     pairs: dict[str, list] = {m: [] for m in modalities}
-    skipped = {"no_text": 0, "conversation": 0, "other_modality": 0}
-    for sample in iter_samples(expand_shards(shards)):
+    skipped = {"no_text": 0, "conversation": 0, "other_modality": 0, "corrupt_shards": 0}
+    for sample in _readable_samples(expand_shards(shards), skipped):
         meta = sample.get("json") or {}
         if "conversation" in meta:
             skipped["conversation"] += 1
@@ -55,13 +56,35 @@ def held_out_pairs(shards: str, modalities: Sequence[str], items: int) -> tuple[
     return pairs, skipped
 
 
+def _readable_samples(paths: Sequence[str], skipped: dict[str, int]) -> Iterator[dict]:
+    """Samples of every shard that reads; a corrupt or truncated shard is logged, counted and skipped
+    (the samples before the damage are kept)."""
+    import tarfile
+
+    from data_pipeline.shards import iter_samples
+
+    for path in paths:
+        try:
+            yield from iter_samples(path)
+        except (tarfile.TarError, OSError, ValueError, EOFError) as e:
+            skipped["corrupt_shards"] += 1
+            print(f"warning: {path}: unreadable shard skipped ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                  file=sys.stderr)
+
+
+def check_asr_dir(asr_model: str | Path) -> Path:
+    """The ASR model must be a local Hugging Face model directory (nothing is downloaded)."""
+    path = Path(asr_model)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--asr-model {path}: not a local Hugging Face model directory (no config.json)")
+    return path
+
+
 def load_asr(asr_model: str | Path, device: Any) -> Any:
     """A ``transformers`` ASR pipeline from a local directory (no download); one-line error otherwise."""
     from transformers import pipeline
 
-    path = Path(asr_model)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"--asr-model {path}: not a local Hugging Face model directory (no config.json)")
+    path = check_asr_dir(asr_model)
     dev = device if getattr(device, "type", "cpu") == "cuda" else -1
     return pipeline("automatic-speech-recognition", model=str(path), device=dev)
 
@@ -99,9 +122,16 @@ def evaluate_real(lm: Any, media: Any, shards: str, *, items: int = 100, tasks: 
     def to_text(m: str) -> tuple[list[str], list[str]]:
         k = lm.layout.modality(m).num_codebooks
         task = Task(m, "text", "<eval>")
-        prompts = [prompt(task_conversation(task, Media(m, codes[:k]))) for _, _, codes in pairs[m]]
+        prompts, refs = [], []
+        for key, text, codes in pairs[m]:
+            try:  # codes outside the layout's range (a shard made with another codec) cannot be a prompt
+                prompts.append(prompt(task_conversation(task, Media(m, codes[:k]))))
+                refs.append(text)
+            except ValueError as e:
+                skipped["bad_codes"] = skipped.get("bad_codes", 0) + 1
+                print(f"warning: {key}: {m} codes skipped ({str(e).splitlines()[0]})", file=sys.stderr)
         outs = _generate(lm, prompts, task_config(task, greedy), batch_size)
-        return [o.text.strip() for o in outs], [t for _, t, _ in pairs[m]]
+        return [o.text.strip() for o in outs], refs
 
     if "asr" in tasks and pairs.get("speech"):
         t0 = time.perf_counter()
@@ -118,13 +148,16 @@ def evaluate_real(lm: Any, media: Any, shards: str, *, items: int = 100, tasks: 
     if "tts" in tasks and pairs.get("speech"):
         t0 = time.perf_counter()
         asr = load_asr(asr_model, lm.device)
-        texts = [t for _, t, _ in pairs["speech"]]
+        codec = media.codec("speech")
+        sr = int(codec.sample_rate)
+        # Reference codes the codec cannot decode (another codec's shards) leave the tts set, counted.
+        fits = [(t, c) for _, t, c in pairs["speech"] if c.size and 0 <= c.min() and c.max() < codec.codebook_size]
+        skipped["tts_bad_reference_codes"] = len(pairs["speech"]) - len(fits)
+        texts = [t for t, _ in fits]
         task = Task("text", "speech", "<eval>")
         sampled = GenerationConfig(max_new_tokens=1500, seed=seed)
         outs = _generate(lm, [prompt(task_conversation(Task("text", "speech", t), None)) for t in texts],
                          task_config(task, sampled), batch_size)
-        codec = media.codec("speech")
-        sr = int(codec.sample_rate)
         waves, empty = [], 0
         for o in outs:
             spans = [p for p in o.parts if isinstance(p, Media) and p.modality == "speech"]
@@ -135,7 +168,7 @@ def evaluate_real(lm: Any, media: Any, shards: str, *, items: int = 100, tasks: 
             full = media.speech_codes(np.asarray(spans[0].codes[0], dtype=np.int64), None, [])
             waves.append(np.asarray(codec.decode([full])[0], dtype=np.float32))
         hyps = transcribe(asr, waves, sr)
-        reference = [np.asarray(codec.decode([codes])[0], dtype=np.float32) for _, _, codes in pairs["speech"]]
+        reference = [np.asarray(codec.decode([codes])[0], dtype=np.float32) for _, codes in fits]
         ref_hyps = transcribe(asr, reference, sr)
         results["tts"] = {**asr_wer(hyps, texts), "reference_wer": asr_wer(ref_hyps, texts)["wer"],
                           "empty_answers": empty, "examples": _examples(hyps, texts),
