@@ -27,6 +27,9 @@ def test_quick_demo_end_to_end(tmp_path):
     assert set(report["directions"]) == set(DIRECTIONS)
     for name, r in report["directions"].items():
         assert 0.0 <= r["score"] <= 1.0 and 0.0 < r["chance"] < 1.0, name
+    for name in DIRECTIONS[1::2]:  # text->X: the judge itself tells the attributes apart on true codes
+        r = report["directions"][name]
+        assert r["chance"] < r["judge_ceiling"] <= 1.0, (name, r["judge_ceiling"], r["chance"])
     for name in EASIEST:
         r = report["directions"][name]
         assert r["score"] > MARGIN * r["chance"], (name, r["score"], r["chance"])

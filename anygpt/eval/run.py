@@ -188,9 +188,15 @@ def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_ite
             size = codecs[m].codebook_size
             gen_j, size_j = judge_codes(m, generated, size)
             refs_j, _ = judge_codes(m, refs, size)
+            labels = [json.dumps(a, sort_keys=True) for a in ref_attrs]
             scores = nearest_reference_accuracy(gen_j, targets, refs_j, reference_attributes=ref_attrs,
-                                                reference_labels=[json.dumps(a, sort_keys=True) for a in ref_attrs],
-                                                codebook_size=size_j)
+                                                reference_labels=labels, codebook_size=size_j)
+            # The judge's ceiling: the same judge on the items' own codes (held-out renderings, never
+            # among the references) -- what a perfect generator of this codec's codes would score.
+            true_j, _ = judge_codes(m, [codes[:k] for _, codes in items], size)
+            scores["judge_ceiling"] = nearest_reference_accuracy(
+                true_j, targets, refs_j, reference_attributes=ref_attrs, reference_labels=labels,
+                codebook_size=size_j)["score"]
             hits = _attribute_hits(scores, ref_attrs, [ref_attrs[t] for t in targets])
             scores["by_split"] = {name: float(np.mean([hits[i] for i in idx]))
                                   for name, idx in (("novel", novel), ("seen", seen)) if idx}
@@ -207,11 +213,13 @@ def _generate(lm: Any, prompts: list[np.ndarray], config: Any, batch_size: int) 
 
 
 def summary_table(results: dict[str, Any]) -> str:
-    """One line per direction: score, chance, ratio, and the novel/seen split when known."""
-    lines = [f"{'direction':<13} {'score':>7} {'chance':>7} {'x chance':>9} {'novel':>7} {'seen':>7}"]
+    """One line per direction: score, chance, ratio, the novel/seen split when known, and for text->X
+    the judge's ceiling (the judge on the held-out items' own codes)."""
+    lines = [f"{'direction':<13} {'score':>7} {'chance':>7} {'x chance':>9} {'novel':>7} {'seen':>7} {'ceiling':>8}"]
     for name, r in results.items():
         ratio = r["score"] / r["chance"] if r.get("chance") else math.nan
         split = r.get("by_split", {})
         cells = "".join(f" {split[k]:>7.3f}" if k in split else f" {'-':>7}" for k in ("novel", "seen"))
+        cells += f" {r['judge_ceiling']:>8.3f}" if "judge_ceiling" in r else f" {'-':>8}"
         lines.append(f"{name:<13} {r['score']:>7.3f} {r['chance']:>7.3f} {ratio:>8.1f}x{cells}")
     return "\n".join(lines)
