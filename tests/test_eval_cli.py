@@ -85,3 +85,22 @@ def test_eval_generate_scores_asr_captions_and_tts_through_an_asr_model(tmp_path
                            "--generate", "--items", "2", "--tasks", "tts", "--codecs", "tiny",
                            "--asr-model", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "config.json" in proc.stderr
+
+
+def test_eval_generate_skips_codes_that_do_not_fit_the_layout(tmp_path, capsys):
+    import numpy as np
+
+    from anygpt.eval.real import evaluate_real
+    from anygpt.infer.loading import load_lm
+    from anygpt.infer.testing import build_tiny_model_dir
+    from anygpt.train.bench import pair_sample, write_shards
+
+    rng = np.random.default_rng(0)
+    good = pair_sample(rng, "good", "image")
+    bad = pair_sample(rng, "bad", "image")
+    bad["image.npy"] = bad["image.npy"].astype(np.int64) + 10**6  # another codec's ids: no prompt holds them
+    write_shards(tmp_path / "s", "s", [bad, good], per_shard=8)
+    lm = load_lm(build_tiny_model_dir(tmp_path / "m"), device="cpu")
+    result = evaluate_real(lm, None, str(tmp_path / "s" / "*.tar"), items=5, tasks=("caption",))
+    assert result["caption_image"]["n"] == 1 and result["skipped"]["bad_codes"] == 1
+    assert "bad: image codes" in capsys.readouterr().err

@@ -102,11 +102,9 @@ def transcribe(asr: Any, waves: Sequence[np.ndarray], sample_rate: int) -> list[
 def evaluate_real(lm: Any, media: Any, shards: str, *, items: int = 100, tasks: Sequence[str] = TASKS,
                   asr_model: str | Path | None = None, batch_size: int = 8, seed: int = 0) -> dict[str, Any]:
     """Run the harness (see the module docstring); returns one dict per task that ran."""
-    from anygpt.eval.run import _generate
+    from anygpt.eval.run import answer_media, answer_text
     from anygpt.eval.synthetic import asr_wer, caption_metrics
-    from anygpt.formats import Media, SequenceFormat
     from anygpt.infer.settings import GenerationConfig
-    from anygpt.infer.tasks import Task, task_config, task_conversation
 
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -115,23 +113,22 @@ def evaluate_real(lm: Any, media: Any, shards: str, *, items: int = 100, tasks: 
         raise ValueError("the tts task needs --asr-model DIR (a local speech recognition model)")
     modalities = [m for m in ("speech", "image", "music") if m in lm.layout.modalities]
     pairs, skipped = held_out_pairs(shards, modalities, items)
-    prompt = SequenceFormat(lm.tokenizer, lm.layout).prompt
     greedy = GenerationConfig(max_new_tokens=512, seed=seed).with_greedy()
     results: dict[str, Any] = {"skipped": skipped}
 
     def to_text(m: str) -> tuple[list[str], list[str]]:
-        k = lm.layout.modality(m).num_codebooks
-        task = Task(m, "text", "<eval>")
-        prompts, refs = [], []
+        spec = lm.layout.modality(m)
+        kept = []
         for key, text, codes in pairs[m]:
-            try:  # codes outside the layout's range (a shard made with another codec) cannot be a prompt
-                prompts.append(prompt(task_conversation(task, Media(m, codes[:k]))))
-                refs.append(text)
-            except ValueError as e:
+            # Codes outside the layout's range (shards made with another codec) cannot be a prompt.
+            if codes.ndim == 2 and codes.shape[0] >= spec.num_codebooks and codes.size and codes.min() >= 0 \
+                    and codes[:spec.num_codebooks].max() < spec.codebook_size:
+                kept.append((text, codes))
+            else:
                 skipped["bad_codes"] = skipped.get("bad_codes", 0) + 1
-                print(f"warning: {key}: {m} codes skipped ({str(e).splitlines()[0]})", file=sys.stderr)
-        outs = _generate(lm, prompts, task_config(task, greedy), batch_size)
-        return [o.text.strip() for o in outs], refs
+                print(f"warning: {key}: {m} codes of shape {codes.shape} do not fit the layout; skipped",
+                      file=sys.stderr)
+        return answer_text(lm, m, [c for _, c in kept], greedy, batch_size), [t for t, _ in kept]
 
     if "asr" in tasks and pairs.get("speech"):
         t0 = time.perf_counter()
@@ -154,18 +151,14 @@ def evaluate_real(lm: Any, media: Any, shards: str, *, items: int = 100, tasks: 
         fits = [(t, c) for _, t, c in pairs["speech"] if c.size and 0 <= c.min() and c.max() < codec.codebook_size]
         skipped["tts_bad_reference_codes"] = len(pairs["speech"]) - len(fits)
         texts = [t for t, _ in fits]
-        task = Task("text", "speech", "<eval>")
-        sampled = GenerationConfig(max_new_tokens=1500, seed=seed)
-        outs = _generate(lm, [prompt(task_conversation(Task("text", "speech", t), None)) for t in texts],
-                         task_config(task, sampled), batch_size)
+        generated = answer_media(lm, "speech", texts, GenerationConfig(max_new_tokens=1500, seed=seed), batch_size)
         waves, empty = [], 0
-        for o in outs:
-            spans = [p for p in o.parts if isinstance(p, Media) and p.modality == "speech"]
-            if not spans or spans[0].codes.shape[-1] == 0:
+        for codes in generated:
+            if codes.shape[-1] == 0:
                 empty += 1
                 waves.append(np.zeros(sr // 10, dtype=np.float32))  # silence: transcribed as (almost) nothing
                 continue
-            full = media.speech_codes(np.asarray(spans[0].codes[0], dtype=np.int64), None, [])
+            full = media.speech_codes(np.asarray(codes[0], dtype=np.int64), None, [])
             waves.append(np.asarray(codec.decode([full])[0], dtype=np.float32))
         hyps = transcribe(asr, waves, sr)
         reference = [np.asarray(codec.decode([codes])[0], dtype=np.float32) for _, codes in fits]

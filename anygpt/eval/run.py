@@ -133,13 +133,8 @@ def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_ite
     ``sampling``: ``MODE.FIELD=VALUE`` overrides of the text->X sampling settings."""
     from anygpt.demo.grammar import parse_attributes
     from anygpt.eval.synthetic import attribute_accuracy, nearest_reference_accuracy
-    from anygpt.formats import Media
     from anygpt.infer.settings import GenerationConfig, apply_setting_overrides
-    from anygpt.infer.tasks import Task, task_config, task_conversation
 
-    from anygpt.formats import SequenceFormat
-
-    fmt_prompt = SequenceFormat(lm.tokenizer, lm.layout).prompt
     # X->text is scored greedily (one best caption).  text->X samples with the per-modality defaults
     # (seeded): the argmax of every code slot is the majority code (background), so greedy media
     # collapse to one mode, while samples follow the model's conditional distribution.
@@ -161,10 +156,7 @@ def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_ite
             texts = [t for t, _ in items]
             # X -> text
             t0 = time.perf_counter()
-            task = Task(m, "text", "<eval>")
-            prompts = [fmt_prompt(task_conversation(task, Media(m, codes[:k]))) for _, codes in items]
-            outs = _generate(lm, prompts, task_config(task, base), batch_size)
-            preds = [o.text.strip() for o in outs]
+            preds = answer_text(lm, m, [codes for _, codes in items], base, batch_size)
             scores = attribute_accuracy(m, preds, texts)
             novel = [i for i, key in enumerate(keys) if "novel" in key]
             seen = [i for i in range(len(keys)) if i not in set(novel)]
@@ -176,12 +168,7 @@ def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_ite
             # text -> X
             t0 = time.perf_counter()
             refs, ref_attrs = _references(m, codecs[m], lm.layout, Path(tmp), shards_root)
-            prompts = [fmt_prompt(task_conversation(Task("text", m, t), None)) for t in texts]
-            outs = _generate(lm, prompts, task_config(Task("text", m, "x"), sampled), batch_size)
-            generated = []
-            for o in outs:
-                media = [p for p in o.parts if isinstance(p, Media) and p.modality == m]
-                generated.append(media[0].codes if media else np.zeros((k, 0), dtype=np.int64))
+            generated = answer_media(lm, m, texts, sampled, batch_size)
             # The target index only names the requested attributes: any reference with the same
             # attributes counts (reference_attributes), so per-attribute accuracy is what is scored.
             targets = [next(i for i, a in enumerate(ref_attrs) if a == parse_attributes(m, t)) for t in texts]
@@ -210,6 +197,29 @@ def _generate(lm: Any, prompts: list[np.ndarray], config: Any, batch_size: int) 
     for start in range(0, len(prompts), batch_size):
         out += lm.generator.generate(prompts[start: start + batch_size], config)
     return out
+
+
+def answer_text(lm: Any, modality: str, codes: list[np.ndarray], config: Any, batch_size: int = 8) -> list[str]:
+    """The model's text answer to each X->text task (the layout's codebooks of ``codes`` as input)."""
+    from anygpt.formats import Media
+    from anygpt.infer.tasks import Task, task_config, task_conversation
+
+    k = lm.layout.modality(modality).num_codebooks
+    task = Task(modality, "text", "<eval>")
+    prompts = [lm.generator.format.prompt(task_conversation(task, Media(modality, c[:k]))) for c in codes]
+    return [o.text.strip() for o in _generate(lm, prompts, task_config(task, config), batch_size)]
+
+
+def answer_media(lm: Any, modality: str, texts: list[str], config: Any, batch_size: int = 8) -> list[np.ndarray]:
+    """The codes ``[K, T]`` of the first ``modality`` span of each text->X answer (``T = 0`` when none)."""
+    from anygpt.formats import Media
+    from anygpt.infer.tasks import Task, task_config, task_conversation
+
+    k = lm.layout.modality(modality).num_codebooks
+    prompts = [lm.generator.format.prompt(task_conversation(Task("text", modality, t), None)) for t in texts]
+    outs = _generate(lm, prompts, task_config(Task("text", modality, "<eval>"), config), batch_size)
+    spans = [[p for p in o.parts if isinstance(p, Media) and p.modality == modality] for o in outs]
+    return [s[0].codes if s else np.zeros((k, 0), dtype=np.int64) for s in spans]
 
 
 def summary_table(results: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from anygpt.config import TrainConfig, save_config, to_dict
+from anygpt.train.losses import logits_only_at, target_positions
 
 
 class TrainingStopped(ValueError):
@@ -150,8 +151,6 @@ class Trainer:
 
     def _forward_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Forward one micro-batch with the LM head only at target positions; (loss, stats, bad rows)."""
-        from anygpt.train.losses import logits_only_at, target_positions
-
         with logits_only_at(self.engine.module, target_positions(batch["labels"])):
             logits = self.engine(**self._inputs(batch)).logits
         return self.loss_fn(logits, batch["labels"], batch.get("tasks"))
