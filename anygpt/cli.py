@@ -15,6 +15,7 @@ from typing import Callable
 # "module:function" registering one subcommand each, in the order `anygpt --help` lists them.
 SUBCOMMANDS = [
     "anygpt.cli:add_layout_parser",
+    "anygpt.resources:add_configs_parser",
     "anygpt.modalities.cli:add_codec_parser",
     "data_pipeline.cli:add_preprocess_parser",
     "anygpt.train.cli:add_train_parser",
@@ -32,6 +33,15 @@ class UserError(Exception):
     """An error whose message is the whole story (printed as one line, exit 1)."""
 
 
+class Parser(argparse.ArgumentParser):
+    """``ArgumentParser`` without prefix abbreviations, for every subcommand too (sub-parsers are
+    built with the parent's class): ``--codec`` must never be read as an abbreviation of ``--codecs``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def add_layout_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("layout", help="print the vocabulary layout of a tokenizer directory",
                        description="Print base vocab size, every special token's id, every modality's "
@@ -46,7 +56,10 @@ def run_layout(args: argparse.Namespace) -> int:
     from anygpt.layout import VocabLayout
     from anygpt.text_tokenizer import load_tokenizer
 
-    d = VocabLayout.from_tokenizer(load_tokenizer(args.tokenizer)).describe()
+    from anygpt.text_tokenizer import read_layout
+
+    layout, saved = read_layout(load_tokenizer(args.tokenizer), args.tokenizer)
+    d = {**layout.describe(), "missing": layout.missing(), "source": "vocab_layout.json" if saved else "tokenizer"}
     if args.json:
         print(json.dumps(d, indent=2, ensure_ascii=False))
         return 0
@@ -55,13 +68,15 @@ def run_layout(args: argparse.Namespace) -> int:
         print(f"special           {tok:<10} {tid}")
     for name, m in d["modalities"].items():
         print(f"modality {name:<8} offset {m['offset']}  size {m['size']}  "
-              f"codebooks {m['codebooks']}x{m['codebook_size']}  {m['start']}..{m['end']}")
+              f"codebooks {m['codebooks']}x{m['codebook_size']}  {m['start']}..{m['end']}  codec {m['codec'] or '?'}")
     print(f"total             {d['total']}")
+    if d["missing"]:
+        print(f"not in this layout: {', '.join(d['missing'])}")
     return 0
 
 
 def build_parser(subcommands: list[str] = SUBCOMMANDS) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="anygpt", description="Train and serve any-to-any multimodal LMs on discrete tokens.")
+    parser = Parser(prog="anygpt", description="Train and serve any-to-any multimodal LMs on discrete tokens.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for spec in subcommands:

@@ -210,7 +210,11 @@ class ModelConfig:
     activation_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     codecs: str | None = None
-    """Codecs directory the data was made with (``speech/``, ``music/``, ``image/``); copied into exports."""
+    """Codecs directory the data was made with (one subdirectory per modality); its cards size a new
+    layout's ranges, are checked against a read one, and the directory is copied into exports."""
+    modalities: list[str] | None = None
+    """Modalities of a *new* layout (default: every registered one), e.g. ``[speech]`` for a
+    speech-only model; a layout read from a checkpoint or tokenizer must hold exactly these."""
 
 
 @dataclass
@@ -291,6 +295,13 @@ class TrainConfig:
                 raise ConfigError(f"data.sources[{i}].x2text_prob: must be in [0, 1], got {s.x2text_prob}")
         if self.model.name == "tiny" and not self.model.tokenizer:
             raise ConfigError("model.tokenizer: required when model.name is 'tiny' (no model directory to read it from)")
+        if self.model.modalities is not None:
+            from anygpt import modalities as registry
+
+            known = registry.names()
+            bad = [m for m in self.model.modalities if m not in known]
+            if bad or not self.model.modalities:
+                raise ConfigError(f"model.modalities: {bad or '[]'} -- choose a non-empty subset of {list(known)}")
         lora = self.model.lora
         if lora.enabled and (lora.r <= 0 or lora.alpha <= 0 or not lora.target_modules):
             raise ConfigError("model.lora: enabled LoRA needs r > 0, alpha > 0 and target_modules")

@@ -5,20 +5,26 @@ Modality ids are mapped *arithmetically* (``offset + codebook_size * k + code``)
 looking up added-token strings: it is exact, ~10x faster than tokenizing ``<🎶N>`` strings, and the
 layout can be validated once instead of trusted on every lookup.
 
-Our own layout appends, after the base text vocabulary: the special tokens, then the image, speech
-and music ranges.  Anything new is appended at the end so existing ids never move
-(``tests/test_layout.py`` compares against ``tokenizers/vocab_layout.json``).
+Our own layout appends, after the base text vocabulary: the role and chain-of-modality tokens, the
+span markers of the founding modalities, then their ranges, in registry order
+(:mod:`anygpt.modalities`); every modality registered later appends its own two markers and then its
+range, so existing ids never move (``tests/test_layout.py`` compares against
+``tokenizers/vocab_layout.json``).  Range sizes come from the codec cards (a Mimi run's speech range
+is 2048 ids, SpeechTokenizer's 1024), and each range records the codec it was made for.
 
-Released AnyGPT checkpoints use a different order (4 role tokens, then per modality ``<prefixN>``
-tokens followed by its start/end markers); :func:`VocabLayout.from_tokenizer` reads the offsets
-from such a tokenizer, so those checkpoints work without conversion.
+A layout may hold any subset of the registered modalities: a speech-only model (SpeechGPT-style) has
+just the speech range.  Released AnyGPT checkpoints use a different order (4 role tokens, then per
+modality ``<prefixN>`` tokens followed by its start/end markers); :func:`VocabLayout.from_tokenizer`
+reads the offsets of every modality such a tokenizer holds, so those checkpoints work without
+conversion.  Training, inference and preprocessing read the layout saved with a checkpoint
+(``vocab_layout.json``) rather than deriving it again.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -42,6 +48,8 @@ class ModalitySpec:
         start, end: the span markers (``<soim>``/``<eoim>`` ...).
         prefix: AnyGPT's token-string prefix (``👀``, ``🗣️``, ``🎶``) used by its ``<prefixN>`` tokens.
         span_length: fixed number of frames per span, if any (image: 32 codes).
+        codec: name of the codec card the range was made for (None: not recorded, e.g. read from a
+            release tokenizer whose range matches no card).
     """
 
     name: str
@@ -52,6 +60,7 @@ class ModalitySpec:
     end: str
     prefix: str
     span_length: int | None = None
+    codec: str | None = None
 
     @property
     def size(self) -> int:
@@ -66,15 +75,16 @@ class ModalitySpec:
         return (np.asarray(ids) >= self.offset) & (np.asarray(ids) < self.stop)
 
 
-# Our defaults.  Order matters: it *is* the id assignment (append-only).
+# Role and chain-of-modality tokens come first.  Order matters: it *is* the id assignment.
 ROLE_TOKENS = {"user": "[Human]", "assistant": "[AnyGPT]", "user_end": "<eoh>", "assistant_end": "<eom>"}
 COM_TOKENS = ("<-Ins->", "<-Res->")  # chain-of-modality markers: transcript, then text reply
-DEFAULT_MODALITIES = (
-    # name, codebooks, codebook size, start, end, AnyGPT prefix, fixed span length (frames)
-    ("image", 1, 8192, "<soim>", "<eoim>", "👀", 32),
-    ("speech", 1, 1024, "<sosp>", "<eosp>", "🗣️", None),
-    ("music", 4, 2048, "<somu>", "<eomu>", "🎶", None),
-)
+
+
+def _range_facts(card: Mapping[str, Any]) -> dict[str, Any]:
+    """What a codec card fixes about a modality's id range."""
+    span = card.get("tokens_per_item")
+    return {"num_codebooks": int(card["lm_codebooks"]), "codebook_size": int(card["codebook_size"]),
+            "span_length": int(span) if span is not None else None, "codec": str(card["name"])}
 
 
 @dataclass(frozen=True)
@@ -102,33 +112,76 @@ class VocabLayout:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def default(cls, base_vocab_size: int) -> "VocabLayout":
-        """Our layout: specials then image, speech, music ranges right after the text vocabulary."""
+    def default(cls, base_vocab_size: int, modalities: Sequence[str] | None = None,
+                cards: Mapping[str, Mapping[str, Any]] | None = None) -> "VocabLayout":
+        """Our layout right after the text vocabulary, for ``modalities`` (default: every registered one).
+
+        Args:
+            base_vocab_size: the text tokenizer's own size.
+            modalities: which modalities get a range (kept in registry order).
+            cards: modality -> codec card sizing its range (a run's codecs directory); the
+                modality's default codec card otherwise.
+        """
+        from anygpt import modalities as registry
+
+        plugins = registry.registered()
+        wanted = list(plugins) if modalities is None else list(modalities)
+        for m in wanted:
+            registry.get(m)  # unknown names fail here, naming the known ones
+        order = [p for name, p in plugins.items() if name in wanted]
+        cards = dict(cards or {})
+        facts = {p.name: _range_facts(cards.get(p.name) or registry.codec_card(p.name)) for p in order}
         next_id = base_vocab_size
         specials: dict[str, int] = {}
-        for tok in [*ROLE_TOKENS.values(), *COM_TOKENS] + [t for m in DEFAULT_MODALITIES for t in m[3:5]]:
+        mods: dict[str, ModalitySpec] = {}
+
+        def add_special(tok: str) -> None:
+            nonlocal next_id
             specials[tok] = next_id
             next_id += 1
-        modalities = {}
-        for name, k, size, start, end, prefix, span in DEFAULT_MODALITIES:
-            modalities[name] = ModalitySpec(name, next_id, k, size, start, end, prefix, span)
-            next_id += k * size
-        return cls(base_vocab_size, specials, dict(ROLE_TOKENS), modalities, next_id)
+
+        def add_range(p: Any) -> None:
+            nonlocal next_id
+            spec = ModalitySpec(p.name, next_id, start=p.start, end=p.end, prefix=p.prefix, **facts[p.name])
+            mods[p.name] = spec
+            next_id += spec.size
+
+        for tok in [*ROLE_TOKENS.values(), *COM_TOKENS]:
+            add_special(tok)
+        founding = [p for p in order if p.founding]
+        for p in founding:  # layout format 1: all founding markers, then all founding ranges
+            add_special(p.start)
+            add_special(p.end)
+        for p in founding:
+            add_range(p)
+        for p in order:
+            if not p.founding:  # appended later: own markers, then own range
+                add_special(p.start)
+                add_special(p.end)
+                add_range(p)
+        return cls(base_vocab_size, specials, dict(ROLE_TOKENS), mods, next_id)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any) -> "VocabLayout":
-        """Read the layout from a Hugging Face tokenizer that already holds AnyGPT's added tokens.
+    def from_tokenizer(cls, tokenizer: Any, modalities: Sequence[str] | None = None,
+                       cards: Mapping[str, Mapping[str, Any]] | None = None) -> "VocabLayout":
+        """Read the layout from a Hugging Face tokenizer that already holds layout tokens.
 
-        Every ``<prefixN>`` token must sit at ``offset + N`` (contiguous ranges); otherwise the
-        arithmetic mapping would silently produce wrong ids, so we refuse with the first offender.
-        If the tokenizer holds none of AnyGPT's tokens, the default layout is built on top of it.
+        Every registered modality whose ``<prefix0>`` token the tokenizer holds gets the range of its
+        contiguous ``<prefixN>`` tokens (a release tokenizer, or one of ours); the others are left
+        out, never guessed (:meth:`missing` names them).  Every ``<prefixN>`` must sit at
+        ``offset + N``, otherwise the arithmetic mapping would silently produce wrong ids, so we
+        refuse with the first offender.  A tokenizer with no layout tokens at all is a base text
+        tokenizer: the default layout (for ``modalities`` and ``cards``) is built on top of it.
         """
+        from anygpt import modalities as registry
+
         vocab: dict[str, int] = tokenizer.get_vocab()
-        image_prefix = DEFAULT_MODALITIES[0][5]
-        if f"<{image_prefix}0>" not in vocab:
-            return cls.default(len(vocab))
-        # The text vocabulary ends where the first layout token (a role token) begins.
-        base = min(vocab[t] for t in (*ROLE_TOKENS.values(), "[MMGPT]", "<eos>", f"<{image_prefix}0>") if t in vocab)
+        present = [p for p in registry.registered().values() if f"<{p.prefix}0>" in vocab]
+        if not present:
+            return cls.default(len(vocab), modalities, cards)
+        firsts = [vocab[f"<{p.prefix}0>"] for p in present]
+        # The text vocabulary ends where the first layout token (a role token or a range) begins.
+        base = min([vocab[t] for t in (*ROLE_TOKENS.values(), "[MMGPT]", "<eos>") if t in vocab] + firsts)
         # Role tokens: the release used [MMGPT]/<eos>; its SFT script used [AnyGPT]/<eom>.
         roles = {}
         for role, candidates in {
@@ -145,26 +198,51 @@ class VocabLayout:
         for tok in COM_TOKENS:  # optional in released tokenizers
             if tok in vocab:
                 specials[tok] = vocab[tok]
-        modalities = {}
-        for name, k, size, start, end, prefix, span in DEFAULT_MODALITIES:
-            n_ids = k * size
-            first = f"<{prefix}0>"
-            if first not in vocab:
-                raise LayoutError(f"tokenizer lacks {first}: cannot place modality {name!r}")
-            offset = vocab[first]
-            for code in range(n_ids):
-                tid = vocab.get(f"<{prefix}{code}>")
-                if tid != offset + code:
-                    raise LayoutError(
-                        f"modality {name!r} is not contiguous: <{prefix}{code}> has id {tid}, expected {offset + code}"
-                    )
-            for marker in (start, end):
+        mods = {}
+        for p in present:
+            offset = vocab[f"<{p.prefix}0>"]
+            n_ids = 0
+            while (tid := vocab.get(f"<{p.prefix}{n_ids}>")) is not None:
+                if tid != offset + n_ids:
+                    raise LayoutError(f"modality {p.name!r} is not contiguous: <{p.prefix}{n_ids}> has id {tid}, "
+                                      f"expected {offset + n_ids}")
+                n_ids += 1
+            for marker in (p.start, p.end):
                 if marker not in vocab:
-                    raise LayoutError(f"tokenizer lacks the {name} marker {marker}")
+                    raise LayoutError(f"tokenizer lacks the {p.name} marker {marker}")
                 specials[marker] = vocab[marker]
-            modalities[name] = ModalitySpec(name, offset, k, size, start, end, prefix, span)
+            facts = _range_facts((cards or {}).get(p.name) or registry.codec_card(p.name))
+            if facts["num_codebooks"] * facts["codebook_size"] != n_ids:
+                # Not the default codec's size: keep what the tokenizer says, frame-major codebooks
+                # as the card counts them when they divide the range, and no codec name (unknown).
+                k = facts["num_codebooks"] if n_ids % facts["num_codebooks"] == 0 else 1
+                facts = {**facts, "num_codebooks": k, "codebook_size": n_ids // k, "codec": None}
+            mods[p.name] = ModalitySpec(p.name, offset, start=p.start, end=p.end, prefix=p.prefix, **facts)
         total = max(len(vocab), max(vocab.values()) + 1)
-        return cls(base, specials, roles, modalities, total)
+        return cls(base, specials, roles, mods, total)
+
+    def check_cards(self, cards: Mapping[str, Mapping[str, Any]], where: str = "this layout") -> None:
+        """Refuse codecs that do not match the layout's ranges (one line naming both codecs).
+
+        A codecs directory made with another codec (Mimi's 2048 speech ids against a SpeechTokenizer
+        model's 1024) would otherwise feed ids into the wrong range or beyond it.
+        """
+        for name, card in cards.items():
+            if name not in self.modalities:
+                continue  # a codec the model has no range for is unused, not wrong
+            spec, want = self.modalities[name], _range_facts(card)
+            same_size = (spec.num_codebooks, spec.codebook_size) == (want["num_codebooks"], want["codebook_size"])
+            if not same_size or (spec.codec is not None and spec.codec != want["codec"]):
+                raise LayoutError(
+                    f"{where}: {name} was trained with codec {spec.codec or '?'} ({spec.num_codebooks} x "
+                    f"{spec.codebook_size} ids) but the codecs hold {want['codec']} ({want['num_codebooks']} x "
+                    f"{want['codebook_size']}); use the codecs the model was trained with")
+
+    def missing(self) -> list[str]:
+        """Registered modalities this layout has no range for (reported, never guessed)."""
+        from anygpt import modalities as registry
+
+        return [m for m in registry.names() if m not in self.modalities]
 
     # ------------------------------------------------------------------ validation / io
     def validate(self) -> None:
@@ -310,7 +388,7 @@ class VocabLayout:
             "roles": dict(self.roles),
             "modalities": {
                 n: {"offset": m.offset, "size": m.size, "codebooks": m.num_codebooks, "codebook_size": m.codebook_size,
-                    "start": m.start, "end": m.end, "last_id": m.stop - 1}
+                    "start": m.start, "end": m.end, "last_id": m.stop - 1, "codec": m.codec}
                 for n, m in self.modalities.items()
             },
             "total": self.total,

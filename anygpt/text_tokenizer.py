@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
-from anygpt.layout import VocabLayout
+from anygpt.layout import LAYOUT_FILE, LayoutError, VocabLayout
 
 
 class TokenizerError(ValueError):
@@ -37,9 +37,34 @@ def load_tokenizer(directory: str | Path) -> Any:
     return tok
 
 
-def layout_for_tokenizer(tokenizer: Any) -> VocabLayout:
-    """The layout of a tokenizer: read from AnyGPT added tokens when present, else our default."""
-    return VocabLayout.from_tokenizer(tokenizer)
+def read_layout(tokenizer: Any, *dirs: str | Path, modalities: Sequence[str] | None = None,
+                cards: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[VocabLayout, bool]:
+    """The layout a tokenizer belongs to: the ``vocab_layout.json`` saved in the first of ``dirs``
+    that has one (a checkpoint, an export, a prepared tokenizer), else read from the tokenizer's
+    added tokens (a released AnyGPT checkpoint), else our default for ``modalities``/``cards`` (a
+    base text tokenizer).
+
+    Returns ``(layout, saved)``.  A saved layout is checked against the tokenizer's added tokens
+    (where the tokenizer has them), because a mismatch would silently turn every special token into
+    a different one; ``cards`` (a run's codecs) are checked against it (:meth:`VocabLayout.check_cards`).
+    """
+    for d in dirs:
+        if (Path(d) / LAYOUT_FILE).is_file():
+            layout = VocabLayout.load(d)
+            vocab = tokenizer.get_vocab()
+            for tok, tid in layout.specials.items():
+                if tok in vocab and vocab[tok] != tid:
+                    raise LayoutError(f"{Path(d) / LAYOUT_FILE}: {tok} has id {tid} but the tokenizer says {vocab[tok]}")
+            if modalities is not None and set(modalities) != set(layout.modalities):
+                raise LayoutError(f"{Path(d) / LAYOUT_FILE} holds modalities {sorted(layout.modalities)}, "
+                                  f"not the {sorted(modalities)} asked for")
+            if cards:
+                layout.check_cards(cards, str(Path(d) / LAYOUT_FILE))
+            return layout, True
+    layout = VocabLayout.from_tokenizer(tokenizer, modalities, cards)
+    if cards:
+        layout.check_cards(cards, "the tokenizer's layout")
+    return layout, False
 
 
 def add_layout_tokens(tokenizer: Any, layout: VocabLayout) -> None:
@@ -126,13 +151,16 @@ def train_tiny_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: 
     return out_dir
 
 
-def prepare_tokenizer(source_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Any, VocabLayout]:
-    """Load a tokenizer, give it a layout (read or default + added tokens), optionally save both.
+def prepare_tokenizer(source_dir: str | Path, out_dir: str | Path | None = None, *,
+                      layout_dirs: Sequence[str | Path] = (), modalities: Sequence[str] | None = None,
+                      cards: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Any, VocabLayout]:
+    """Load a tokenizer, give it its layout (:func:`read_layout` over ``source_dir`` and
+    ``layout_dirs``) and the layout's added tokens, optionally save both to ``out_dir``.
 
-    This is the one place a training run gets its tokenizer and layout from a base model directory.
+    This is the one place a training run gets its tokenizer and layout.
     """
     tok = load_tokenizer(source_dir)
-    layout = layout_for_tokenizer(tok)
+    layout, _ = read_layout(tok, source_dir, *layout_dirs, modalities=modalities, cards=cards)
     add_layout_tokens(tok, layout)
     if out_dir is not None:
         tok.save_pretrained(str(out_dir))

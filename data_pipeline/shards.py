@@ -3,7 +3,9 @@
 Tars are written with fixed member metadata (mtime 0, uid/gid 0, mode 0644), so the same inputs
 give byte-identical shards on every run; a shard is written under a ``.tmp-<pid>`` name and
 renamed only when complete, and a chunk counts as finished only once its sidecar (the commit
-record) exists.  See the package docstring for the naming scheme.
+record) exists.  See the package docstring for the naming scheme.  What a shard and a sample hold
+is :mod:`anygpt.data.schema`'s business: every shard opens with its ``__shard__`` header, whose
+sample count is filled in (in place, same size) when the shard is closed.
 """
 from __future__ import annotations
 
@@ -15,16 +17,9 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
-import numpy as np
+from anygpt.data.schema import HEADER_BYTES, HEADER_MEMBER, decode_codes, header_bytes
 
 CHUNK_DIR = "_chunks"
-_KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")
-
-
-def sanitize_key(raw: str, limit: int = 160) -> str:
-    """A WebDataset-safe key: no dots (they start the extension), no slashes, bounded length."""
-    key = _KEY_BAD.sub("_", str(raw))[:limit]
-    return key or "_"
 
 
 def chunk_stem(prefix: str, chunk: int) -> str:
@@ -38,17 +33,6 @@ def part_name(prefix: str, chunk: int, part: int) -> str:
 
 def sidecar_path(out_dir: Union[str, Path], prefix: str, chunk: int) -> Path:
     return Path(out_dir) / CHUNK_DIR / f"{chunk_stem(prefix, chunk)}.json"
-
-
-def code_dtype(codebook_size: int) -> np.dtype:
-    """Smallest signed integer type holding every code (int16 covers codebooks up to 32768)."""
-    return np.dtype(np.int16) if codebook_size <= 32768 else np.dtype(np.int32)
-
-
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
 
 
 def atomic_write_text(path: Union[str, Path], text: str) -> None:
@@ -86,16 +70,31 @@ class ChunkWriter:
         self._bytes = 0
         self._samples = 0
 
+    def _member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._tar.addfile(info, io.BytesIO(data))
+
     def _open(self) -> None:
         name = part_name(self.prefix, self.chunk, len(self.parts))
         self._tmp = self.out_dir / f"{name}.tmp-{os.getpid()}"
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)
+        self._member(HEADER_MEMBER, header_bytes(0))  # the count is filled in by _finish
         self._bytes, self._samples = 0, 0
 
     def _finish(self) -> None:
         assert self._tar is not None and self._tmp is not None
         self._tar.close()
         with open(self._tmp, "rb+") as fh:
+            # The header member's data starts right after its 512-byte tar header (a short name needs
+            # no PAX record); same length, so only those bytes change.
+            fh.seek(tarfile.BLOCKSIZE)
+            assert fh.read(HEADER_BYTES) == header_bytes(0)
+            fh.seek(tarfile.BLOCKSIZE)
+            fh.write(header_bytes(self._samples))
+            fh.flush()
             os.fsync(fh.fileno())
         final = self._tmp.with_name(self._tmp.name.rsplit(".tmp-", 1)[0])
         os.replace(self._tmp, final)
@@ -113,11 +112,7 @@ class ChunkWriter:
         if self._tar is None:
             self._open()
         for ext, data in files:
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+            self._member(f"{key}.{ext}", data)
         self._bytes += size
         self._samples += 1
         return size
@@ -190,37 +185,24 @@ def list_shards(out_dir: Union[str, Path]) -> list[Path]:
 
 
 def iter_samples(paths: Union[str, Path, Iterable[Union[str, Path]]], decode: bool = True) -> Iterator[dict[str, Any]]:
-    """Read samples back without WebDataset: ``{"__key__", "__url__", "json": dict, "<name>.npy": int64 array}``.
+    """Read samples back: ``{"__key__", "__url__", "json": dict, "<name>.npy": int64 array}``.
 
     ``paths`` is a shard, a list of shards, or an output directory (its finished shards).  With
-    ``decode=False`` values stay raw bytes (byte-exact comparisons).
+    ``decode=False`` values stay raw bytes (byte-exact comparisons).  This goes through the project's
+    one tar reader, so a damaged shard raises :class:`anygpt.data.shards.ShardError` (after its
+    readable samples) naming the shard and the samples lost.
     """
+    from anygpt.data.shards import iter_shard_samples
+
     if isinstance(paths, (str, Path)):
         p = Path(paths)
         paths = list_shards(p) if p.is_dir() else [p]
     for path in paths:
-        with tarfile.open(path, "r:") as tf:
-            cur: Optional[dict[str, Any]] = None
-            for info in tf:
-                if not info.isfile():
-                    continue
-                d, _, base = info.name.rpartition("/")
-                key, _, ext = base.partition(".")
-                key = f"{d}/{key}" if d else key
-                if cur is None or cur["__key__"] != key:
-                    if cur is not None:
-                        yield cur
-                    cur = {"__key__": key, "__url__": str(path)}
-                data = tf.extractfile(info).read()
-                if decode and ext == "json":
-                    cur[ext] = json.loads(data)
-                elif decode and ext.endswith("npy"):
-                    cur[ext] = np.load(io.BytesIO(data), allow_pickle=False).astype(np.int64)
-                else:
-                    cur[ext] = data
-            if cur is not None:
-                yield cur
+        for raw in iter_shard_samples(str(path)):
+            if decode:
+                raw = {k: (json.loads(v) if k == "json" else decode_codes(v, k) if k.endswith("npy") else v)
+                       for k, v in raw.items()}
+            yield raw
 
 
-__all__ = ["ChunkWriter", "sanitize_key", "part_name", "chunk_stem", "sidecar_path", "code_dtype", "npy_bytes",
-           "atomic_write_text", "read_sidecar", "remove_chunk_files", "list_sidecars", "list_shards", "iter_samples"]
+__all__ = ["ChunkWriter", "part_name", "chunk_stem", "sidecar_path", "atomic_write_text", "read_sidecar", "remove_chunk_files", "list_sidecars", "list_shards", "iter_samples"]

@@ -1,4 +1,4 @@
-"""Modality codecs: SpeechTokenizer, Encodec 32 kHz, SEED — shapes, rates, strict loading, fit, CLI.
+"""Modality codecs: SpeechTokenizer, Encodec 32 kHz, SEED — shapes, rates, checkpoint loading, fit, CLI.
 
 Fixtures are generated on the fly (no binary files in the repo).  Real-size codecs are the released
 architectures with random weights: enough to check shapes, frame rates and checkpoint layouts.
@@ -19,8 +19,10 @@ import torch
 import yaml
 from PIL import Image
 
+from anygpt import modalities as registry
 from anygpt.modalities import CodecError, build_codec, load_codecs
-from anygpt.modalities.cards import BUILTIN_CARDS, load_card, tokenizers_dir
+from anygpt.modalities.cards import dir_card
+from anygpt.resources import shipped_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +115,7 @@ def test_no_torchaudio_anywhere():
     """Importing and running every codec module must not import torchaudio (or speechtokenizer)."""
     code = (
         "import sys, numpy as np\n"
-        "import anygpt.modalities.speech, anygpt.modalities.music, anygpt.modalities.image\n"
+        "import anygpt.modalities.speechtokenizer, anygpt.modalities.encodec, anygpt.modalities.seed\n"
         "import anygpt.modalities.fit, anygpt.modalities.cli, anygpt.modalities.bench\n"
         "from anygpt.modalities import build_codec\n"
         "c = build_codec('speech', 'tiny'); c.decode(c.encode([np.zeros(3200, np.float32)]))\n"
@@ -126,23 +128,22 @@ def test_no_torchaudio_anywhere():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_tokenizers_dir_is_data_only():
-    tdir = tokenizers_dir()
-    assert tdir is not None and tdir == REPO / "tokenizers"
-    assert not list(tdir.glob("*.py"))
+def test_shipped_cards_are_the_repository_tokenizers_dir_and_data_only():
+    assert shipped_dir("cards").resolve() == (REPO / "tokenizers").resolve()
+    assert not list((REPO / "tokenizers").glob("*.py"))
 
 
 # ------------------------------------------------------------------------------------- cards ---
 
 
-@pytest.mark.parametrize("modality", ["speech", "music", "image"])
-def test_cards_agree_with_builtin_and_codec(modality):
-    card = yaml.safe_load((REPO / "tokenizers" / f"{modality}.yaml").read_text())
-    builtin = BUILTIN_CARDS[modality]
-    for key in ("name", "modality", "sample_rate", "frame_rate", "num_codebooks", "codebook_size", "files"):
-        assert card[key] == builtin[key], key
+@pytest.mark.parametrize("modality", registry.names())
+def test_default_card_of_every_modality_agrees_with_its_codec(modality):
+    card = registry.codec_card(modality)
+    assert card["name"] == registry.get(modality).default_codec
+    assert yaml.safe_load((REPO / "tokenizers" / f"{card['name']}.yaml").read_text())["modality"] == modality
     assert card["checkpoints"] and card["license"]
     codec = build_codec(modality, "tiny")
+    assert codec.card["name"] == card["name"] and codec.modality == modality
     assert codec.num_codebooks == card["num_codebooks"] and codec.codebook_size == card["codebook_size"]
     assert codec.sample_rate == card["sample_rate"]
     assert (codec.frame_rate is None) == (card["frame_rate"] is None)
@@ -221,7 +222,7 @@ OFFICIAL_SPEECH_KEYS = [
 
 @pytest.mark.slow
 def test_speech_real_size_shapes_and_strict_official_checkpoint(tmp_path):
-    from anygpt.modalities.speech import OFFICIAL_CONFIG, SpeechTokenizerCodec
+    from anygpt.modalities.speechtokenizer import OFFICIAL_CONFIG, SpeechTokenizerCodec
 
     codec = SpeechTokenizerCodec.official()
     n_params = sum(p.numel() for p in codec.parameters())
@@ -251,19 +252,29 @@ def test_speech_real_size_shapes_and_strict_official_checkpoint(tmp_path):
         assert torch.equal(v, sd[k]), k
 
 
-def test_speech_strict_loading_errors(tmp_path):
-    """Missing/unexpected keys and a config that contradicts the card are one-line CodecErrors."""
+def test_speech_loading_errors_and_unused_keys(tmp_path, caplog):
+    """Missing keys and a config that contradicts the card are one-line CodecErrors; keys the codec
+    does not use are reported once, grouped by prefix, and the codec loads with the same codes."""
     codec = build_codec("speech", "tiny")
     codec.save(tmp_path)
+    wav = [tone(16000, 0.5, 1)]
+    want = codec.encode(wav)[0]
     sd = torch.load(tmp_path / "SpeechTokenizer.pt", weights_only=True)
-    sd.pop("transform.bias")
     sd["quantizer.vq.layers.8._codebook.embed"] = torch.zeros(1024, 64)
+    sd["discriminator.head.weight"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "SpeechTokenizer.pt")
+    with caplog.at_level("WARNING"):
+        loaded = build_codec("speech", tmp_path)
+    assert np.array_equal(loaded.encode(wav)[0], want)
+    warned = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
+    assert len(warned) == 1 and "2 keys" in warned[0] and "discriminator.head.* 1" in warned[0]
+    sd.pop("transform.bias")
     torch.save(sd, tmp_path / "SpeechTokenizer.pt")
     with pytest.raises(CodecError) as err:
         build_codec("speech", tmp_path)
     msg = str(err.value)
     assert "speechtokenizer card" in msg and "SpeechTokenizer.pt" in msg and "\n" not in msg
-    assert "1 missing keys" in msg and "transform.bias" in msg and "1 unexpected keys" in msg
+    assert "1 missing keys" in msg and "transform.bias" in msg
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "n_q": 4}))
     with pytest.raises(CodecError, match="does not match the card.*num_codebooks=4"):
@@ -271,7 +282,7 @@ def test_speech_strict_loading_errors(tmp_path):
 
 
 def test_speech_snake_variant_keys():
-    from anygpt.modalities.speech import TINY_CONFIG, SpeechTokenizerCodec
+    from anygpt.modalities.speechtokenizer import TINY_CONFIG, SpeechTokenizerCodec
 
     codec = SpeechTokenizerCodec({**TINY_CONFIG, "activation": "Snake"})
     sd = codec.state_dict()
@@ -283,7 +294,7 @@ def test_speech_snake_variant_keys():
 
 
 def test_music_tiny_shapes_rates_and_chunking():
-    from anygpt.modalities.music import EncodecMusicCodec
+    from anygpt.modalities.encodec import EncodecMusicCodec
 
     codec = build_codec("music", "tiny")
     assert (codec.sample_rate, codec.frame_rate, codec.num_codebooks, codec.codebook_size) == (32000, 50, 4, 2048)
@@ -307,7 +318,7 @@ def test_music_tiny_shapes_rates_and_chunking():
 def test_music_real_size_and_strict_hf_checkpoint(tmp_path):
     from safetensors.torch import save_file
 
-    from anygpt.modalities.music import EncodecMusicCodec
+    from anygpt.modalities.encodec import EncodecMusicCodec
 
     codec = EncodecMusicCodec.official()
     assert abs(sum(p.numel() for p in codec.parameters()) / 1e6 - 56.9) < 0.2
@@ -338,6 +349,7 @@ def test_music_real_size_and_strict_hf_checkpoint(tmp_path):
 def test_image_tiny_encode_and_embedding():
     codec = build_codec("image", "tiny")
     assert (codec.num_codebooks, codec.codebook_size, codec.tokens_per_image) == (1, 8192, 32)
+    assert codec.card["tokens_per_item"] == 32 and codec.lm_codebooks == 1
     codes = codec.encode([picture(0), picture(1, (300, 200)), np.asarray(picture(2))])
     assert [c.shape for c in codes] == [(1, 32)] * 3 and codes[0].dtype == np.int64
     emb = codec.codes_to_embedding(codes)
@@ -348,7 +360,7 @@ def test_image_tiny_encode_and_embedding():
 
 def test_image_official_architecture_keys_on_meta_device():
     """The release's key names and shapes, without allocating 1.1 B parameters."""
-    from anygpt.modalities.image import SeedImageCodec
+    from anygpt.modalities.seed import SeedImageCodec
 
     with torch.device("meta"):
         codec = SeedImageCodec.official()
@@ -389,7 +401,7 @@ def test_seed_modules_match_transformers_blip2():
     with the same weights (Q-Former given SEED's causal query mask): an independent check of the math."""
     from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
 
-    from anygpt.modalities.image import TINY_CONFIG as cfg
+    from anygpt.modalities.seed import TINY_CONFIG as cfg
 
     codec = build_codec("image", "tiny")
     with torch.no_grad():
@@ -464,9 +476,9 @@ def test_image_strict_loading_with_separate_vision_weights(tmp_path):
     loaded = build_codec("image", split)
     assert all((a == b).all() for a, b in zip(want, loaded.encode(pics)))
 
-    rest["distill_image_proj.extra"] = torch.zeros(1)
+    rest.pop("distill_image_proj.bias")
     torch.save(rest, split / "seed_quantizer.pt")
-    with pytest.raises(CodecError, match="1 unexpected keys"):
+    with pytest.raises(CodecError, match="1 missing keys.*distill_image_proj.bias"):
         build_codec("image", split)
 
 
@@ -508,7 +520,7 @@ def test_fit_makes_codes_differ_between_inputs(fitted_dir, media_files):
     for m in ("speech", "music", "image"):
         tiny = build_codec(m, "tiny")
         fitted = build_codec(m, fitted_dir / m)
-        items = load_inputs(m, media_files[m], tiny.sample_rate)
+        items = load_inputs(m, media_files[m], tiny)
         before = tiny.encode(items)
         after = fitted.encode(items)
         if m != "image":  # zero codebooks: every input gives the same (all-zero) codes
@@ -534,7 +546,7 @@ def test_fit_codebooks_report_and_kmeans():
     assert report.vectors == 150 and len(report.codebooks) == 8
     assert report.codebooks[0].used > 1 and report.codebooks[0].perplexity > 1
     few = fit_codebooks(build_codec("image", "tiny"), [picture(k) for k in range(3)], iters=2)
-    assert few.notes and "query slots" in few.summary()  # too few images for a shared 32-slot codebook
+    assert few.notes and "32 slots per item" in few.summary()  # too few images for a shared 32-slot codebook
     assert "speech[0]:" in report.summary()
     assert codec.quantizer.vq.layers[0]._codebook.inited.item() == 1
 
@@ -542,7 +554,7 @@ def test_fit_codebooks_report_and_kmeans():
 def test_load_codecs_from_fitted_dir(fitted_dir):
     codecs = load_codecs(fitted_dir)
     assert set(codecs) == {"speech", "music", "image"}
-    assert load_card("speech", fitted_dir / "speech")["_path"].endswith("card.yaml")
+    assert dir_card(fitted_dir / "speech")["_path"].endswith("card.yaml")
 
 
 # ---------------------------------------------------------------------------------------- CLI ---
@@ -577,7 +589,7 @@ def test_cli_round_trips_wav_music_png(fitted_dir, media_files, tmp_path, capsys
     try:
         import anygpt.decoders.unclip  # noqa: F401
     except ImportError:
-        from anygpt.modalities.image import SeedImageCodec
+        from anygpt.modalities.seed import SeedImageCodec
 
         orig = SeedImageCodec.renderer
         SeedImageCodec.renderer = property(lambda self: _StubRenderer())
@@ -616,11 +628,13 @@ def test_bench_codecs_tiny_table(capsys):
 
     result = bench_codecs(seconds=0.5, batches=(2,), real=False)
     rows = result["rows"]
-    assert {(r["codec"], r["batch"]) for r in rows} == {("speech", 2), ("music", 2), ("image", 2)}
+    assert {(r["modality"], r["codec"], r["batch"]) for r in rows} >= {
+        ("speech", "speechtokenizer", 2), ("music", "encodec_32khz", 2), ("image", "seed_tokenizer_2", 2)}
     for r in rows:
         assert r["encode_s"] > 0 and r["decode_s"] > 0
-        if r["codec"] != "image":
+        if r["modality"] != "image":
             assert r["encode_x_realtime"] == pytest.approx(0.5 * r["batch"] / r["encode_s"], rel=0.05)
+            assert r["lm_positions_per_s"] == {"speech": 50, "music": 200}[r["modality"]]
     assert "x real time" in capsys.readouterr().out
 
 
@@ -629,7 +643,7 @@ def test_tiny_seed_codes_say_where_the_shape_is():
     codes agree most with a jittered rendering shows the shape in the same place (random keys: 0.1)."""
     from anygpt.demo.corpus import render_image
     from anygpt.modalities.fit import fit_codebooks
-    from anygpt.modalities.image import SeedImageCodec
+    from anygpt.modalities.seed import SeedImageCodec
 
     rng = np.random.default_rng(0)
     images, where = [], []

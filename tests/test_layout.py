@@ -146,7 +146,8 @@ def test_layout_cli_json(which, request):
     assert info["total"] == lay.total and info["base_vocab_size"] == lay.base_vocab_size
     assert info["modalities"]["music"] == {"offset": lay.modality("music").offset, "size": 8192, "codebooks": 4,
                                            "codebook_size": 2048, "start": "<somu>", "end": "<eomu>",
-                                           "last_id": lay.modality("music").stop - 1}
+                                           "last_id": lay.modality("music").stop - 1, "codec": "encodec_32khz"}
+    assert info["missing"] == [] and info["source"] in ("vocab_layout.json", "tokenizer")
     assert set(info["specials"]) >= {"[Human]", "<eoh>", "<soim>", "<eoim>", "<sosp>", "<eosp>", "<somu>", "<eomu>"}
 
 

@@ -121,6 +121,7 @@ class TrainLoader:
             "skipped_by_source": dict(self.skips_by_source),
             "recent_skips": list(self.skips.recent),
             "bad_shards": bad,
+            "lost_samples": sum(st.lost_samples for st in self._streams or []),
             "epochs": {spec.name: pos.epoch for spec, pos in zip(self.specs, self._current_positions())},
             "read_seconds": self.read_seconds,
         }
@@ -288,7 +289,7 @@ class EvalLoader:
         self._num_batches: int | None = None
         self.last_stats: dict = {}
 
-    def _examples(self, skips: _SkipLog, tasks: Counter, bad: dict):
+    def _examples(self, skips: _SkipLog, tasks: Counter, bad: dict, lost: Counter):
         for url in self.shards:
             try:
                 for raw in iter_shard_samples(url):
@@ -301,18 +302,19 @@ class EvalLoader:
                         yield ex
             except ShardError as e:
                 bad[url] = str(e)
-                log.error("eval: skipping bad shard %s", e)
+                lost["samples"] += e.lost or 0
+                log.error("eval: damaged shard, going on: %s", e)
 
     def __iter__(self):
         return self._batches(collate=True)
 
     def _batches(self, collate: bool):
-        skips, tasks, bad = _SkipLog(f"eval rank {self.rank}"), Counter(), {}
+        skips, tasks, bad, lost = _SkipLog(f"eval rank {self.rank}"), Counter(), {}, Counter()
         group_size = self.world_size * self.batch_size
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
         group: list[list[Example]] = []
         n = rows = tokens = 0
-        for row in pack_examples(self._examples(skips, tasks, bad), self.seq_len, self.pack_buffer):
+        for row in pack_examples(self._examples(skips, tasks, bad, lost), self.seq_len, self.pack_buffer):
             group.append(row)
             rows += 1
             tokens += sum(len(ex) for ex in row)
@@ -327,7 +329,7 @@ class EvalLoader:
         self._num_batches = n
         self.last_stats = {"batches": n, "rows": rows, "examples": sum(tasks.values()), "tasks": dict(tasks),
                            "skipped": skips.total, "skipped_by_reason": dict(skips.by_reason),
-                           "bad_shards": bad,
+                           "bad_shards": bad, "lost_samples": lost["samples"],
                            "packing_efficiency": tokens / (rows * self.seq_len) if rows else 0.0}
 
     def __len__(self) -> int:

@@ -6,7 +6,10 @@ s3://b/x-{0..9}.tar -``, ``https://...``, ``gs://...``), or several of these joi
 
 Tars are read with Python's ``tarfile`` in streaming mode and grouped into samples with
 WebDataset's rule (the key is the member path up to the first dot of its basename), so the loader
-counts samples itself and a restore can skip exactly ``n`` of them.
+counts samples itself and a restore can skip exactly ``n`` of them.  This is the one tar reader of the
+project: a shard's ``__shard__`` header (:mod:`anygpt.data.schema`) says how many samples it holds,
+and any shortfall (truncated tar, header corrupted mid-file, lost members) is raised as a
+:class:`ShardError` carrying the number of samples lost, after every readable sample was yielded.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import tarfile
 import zlib
 from typing import Iterator
 
+from anygpt.data.schema import HEADER_MEMBER, ShardFormatError, read_header
+
 log = logging.getLogger(__name__)
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
@@ -26,7 +31,15 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 
 
 class ShardError(ValueError):
-    """A shard spec that expands to nothing, or a shard that cannot be opened/read."""
+    """A shard spec that expands to nothing, or a shard that cannot be opened/read.
+
+    ``lost``: samples of the shard that could not be read (None when unknown: no count header, or
+    the shard could not be opened at all).
+    """
+
+    def __init__(self, message: str, lost: int | None = None):
+        super().__init__(message)
+        self.lost = lost
 
 
 def _is_url(spec: str) -> bool:
@@ -112,14 +125,21 @@ def iter_tar_samples(stream: io.BufferedIOBase, url: str = "<stream>") -> Iterat
     """Group a tar stream's members into samples ``{"__key__": k, ext: bytes, ...}``.
 
     Members are grouped while consecutive members share a key (WebDataset's convention).  A read
-    error (truncated or corrupt tar) raises :class:`ShardError` after every *complete* sample
-    before it has been yielded; the partial sample in progress is dropped.
+    error (truncated or corrupt tar), a shard that yields fewer samples than its header declares, or
+    a header from a newer writer raises :class:`ShardError` after every readable sample before it has
+    been yielded; the error's ``lost`` says how many samples are missing.
     """
     current: dict | None = None
+    declared: int | None = None
+    yielded = 0
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tf:
             for member in tf:
                 if not member.isfile():
+                    continue
+                if member.name == HEADER_MEMBER:
+                    f = tf.extractfile(member)
+                    declared = read_header(f.read() if f is not None else b"", url)
                     continue
                 m = _KEY_EXT.match(member.name)
                 if m is None:  # no extension: not part of any sample (WebDataset ignores these too)
@@ -128,6 +148,7 @@ def iter_tar_samples(stream: io.BufferedIOBase, url: str = "<stream>") -> Iterat
                 f = tf.extractfile(member)
                 data = f.read() if f is not None else b""
                 if current is not None and current["__key__"] != key:
+                    yielded += 1
                     yield current
                     current = None
                 if current is None:
@@ -138,10 +159,18 @@ def iter_tar_samples(stream: io.BufferedIOBase, url: str = "<stream>") -> Iterat
             pos, end = getattr(tf.fileobj, "pos", None), getattr(tf, "offset", None)
             if isinstance(pos, int) and isinstance(end, int) and pos < end + tarfile.BLOCKSIZE:
                 raise tarfile.ReadError("truncated: no end-of-archive marker")
+    except ShardFormatError as e:
+        raise ShardError(str(e)) from None
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as e:
-        raise ShardError(f"{url}: unreadable tar ({type(e).__name__}: {e})") from None
+        lost = declared - yielded if declared is not None else None
+        note = f"; {lost} of {declared} samples lost" if lost is not None else ""
+        raise ShardError(f"{url}: unreadable tar ({type(e).__name__}: {e}){note}", lost) from None
     if current is not None:
+        yielded += 1
         yield current
+    if declared is not None and yielded < declared:
+        raise ShardError(f"{url}: {declared - yielded} of {declared} samples lost (the tar ends early: "
+                         f"truncated or corrupted in the middle)", declared - yielded)
 
 
 def iter_shard_samples(url: str, skip: int = 0) -> Iterator[dict]:

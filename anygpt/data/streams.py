@@ -91,7 +91,7 @@ class ShardPlan:
                     j += 1
             except ShardError as e:
                 if on_bad_shard is not None:
-                    on_bad_shard(url, str(e))
+                    on_bad_shard(url, e)
 
 
 class SourceStream:
@@ -115,17 +115,19 @@ class SourceStream:
         self.prefetch = prefetch
         self.bad_shards: dict[str, str] = {}
         self.bad_shard_events = 0
+        self.lost_samples = 0  # samples that damaged shards could not deliver (when their header says)
         self._gen = self._raw(self.position)
         self._ready: deque = deque()
         self._pending: deque = deque()
         self._skip_streak_epoch: int | None = None
 
     # ------------------------------------------------------------------ raw samples in order
-    def _on_bad_shard(self, url: str, msg: str) -> None:
+    def _on_bad_shard(self, url: str, error: ShardError) -> None:
         self.bad_shard_events += 1
+        self.lost_samples += error.lost or 0
         if url not in self.bad_shards:
-            log.error("source %s: skipping bad shard %s", self.spec.name, msg)
-        self.bad_shards[url] = msg
+            log.error("source %s: damaged shard, going on: %s", self.spec.name, error)
+        self.bad_shards[url] = str(error)
 
     def _raw(self, start: Position) -> Iterator[tuple[dict, int, Position]]:
         epoch, cursor, offset, taken = start.epoch, start.cursor, start.offset, start.taken

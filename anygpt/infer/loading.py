@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from anygpt.infer.generation import Generator, pick_device, pick_dtype
-from anygpt.layout import LAYOUT_FILE, LayoutError, VocabLayout
+from anygpt.layout import VocabLayout
 from anygpt.model import quiet_transformers
 
 
@@ -42,24 +42,6 @@ class LoadedLM:
         return self.generator.context_length
 
 
-def read_layout(tokenizer: Any, *dirs: Path) -> tuple[VocabLayout, bool]:
-    """The layout saved next to the model/tokenizer, else the one read from the tokenizer.
-
-    Returns ``(layout, from_tokenizer)``.  A saved layout is checked against the tokenizer's added
-    tokens (where the tokenizer has them), because a mismatch would silently turn every special
-    token into a different one.
-    """
-    for d in dirs:
-        if (d / LAYOUT_FILE).is_file():
-            layout = VocabLayout.load(d)
-            vocab = tokenizer.get_vocab()
-            for tok, tid in layout.specials.items():
-                if tok in vocab and vocab[tok] != tid:
-                    raise LayoutError(f"{d / LAYOUT_FILE}: {tok} has id {tid} but the tokenizer says {vocab[tok]}")
-            return layout, False
-    return VocabLayout.from_tokenizer(tokenizer), True
-
-
 def load_lm(model_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str | None = "auto",
             dtype: str | torch.dtype | None = "auto", context_length: int | None = None) -> LoadedLM:
     """Load a model directory for generation.
@@ -73,14 +55,15 @@ def load_lm(model_dir: str | Path, tokenizer_dir: str | Path | None = None, devi
     """
     from transformers import AutoModelForCausalLM
 
-    from anygpt.text_tokenizer import load_tokenizer
+    from anygpt.text_tokenizer import load_tokenizer, read_layout
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"{model_dir}: not a model directory (no config.json)")
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else model_dir
     tokenizer = load_tokenizer(tok_dir)
-    layout, released = read_layout(tokenizer, tok_dir, model_dir)
+    layout, saved = read_layout(tokenizer, tok_dir, model_dir)
+    released = not saved
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     # On CUDA the weights go straight to the GPU (no full CPU copy of a 7B model first).

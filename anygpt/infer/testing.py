@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from anygpt.layout import DEFAULT_MODALITIES, VocabLayout
+from anygpt.layout import VocabLayout
 
 TINY_TEXTS = [
     "a red bus drives down the street", "the cat sits on a warm mat", "hello world, how are you today",
@@ -37,9 +37,9 @@ def release_style_tokenizer(src_dir: Path, out_dir: Path) -> tuple[Any, VocabLay
 
     tok = load_tokenizer(src_dir)
     tok.add_tokens(["[Human]", "[MMGPT]", "<eoh>", "<eos>"], special_tokens=True)
-    for _name, k, size, start, end, prefix, _span in DEFAULT_MODALITIES:
-        tok.add_tokens([f"<{prefix}{c}>" for c in range(k * size)])
-        tok.add_tokens([start, end], special_tokens=True)
+    for m in VocabLayout.default(len(tok)).modalities.values():  # the release's order: image, speech, music
+        tok.add_tokens([f"<{m.prefix}{c}>" for c in range(m.size)])
+        tok.add_tokens([m.start, m.end], special_tokens=True)
     tok.save_pretrained(str(out_dir))
     return tok, VocabLayout.from_tokenizer(tok)
 

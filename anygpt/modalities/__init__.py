@@ -1,65 +1,213 @@
-"""Modality codecs and their registry.
+"""The modality registry: which modalities exist, in which order, and how their codecs are built.
 
-``build_codec("speech", "tiny")`` builds the tiny random codec (same code path as the real one);
-``build_codec("speech", "/ckpt/speechtokenizer")`` loads a real checkpoint directory described by
-its card.  A codec class registers itself with ``@register_codec``; adding a modality means one
-module plus one card in ``tokenizers/``.
+Every modality is a plugin (:class:`~anygpt.modalities.plugin.Modality`), registered in this order:
+
+1. the built-in ones, below (their order *is* the order of the reference vocabulary layout);
+2. plugins of installed packages, through the ``anygpt.modalities`` entry-point group;
+3. modules or ``.py`` files named in ``$ANYGPT_PLUGINS`` (comma-separated; experiments and tests; a
+   file ``x/toy.py`` is imported as module ``anygpt_plugin_toy``, the name its card's
+   ``implementation`` uses).
+
+A modality's codecs are its cards (``tokenizers/<codec>.yaml``, or ``card.yaml`` inside a codec
+directory): each card names its modality and the class that implements it, so adding a codec is one
+module plus one card and nothing here changes.  ``build_codec(modality, "tiny")`` builds the tiny
+random codec of the modality's default card; ``build_codec(modality, DIR)`` loads a checkpoint
+directory described by its card; :func:`load_codecs` turns a codecs directory (one subdirectory per
+modality) into codec objects, the one implementation of that everywhere.
+
+Appending a modality never moves an id: the default layout places every later modality after the
+ranges of the earlier ones (:meth:`anygpt.layout.VocabLayout.default`).
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
+from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Iterable
 
-from anygpt.modalities.base import Codec, CodecError
+from anygpt.modalities.cards import dir_card, named_card, all_cards
+from anygpt.modalities.plugin import CodecError, Modality
 
-# name -> module that defines and registers the codec (imported lazily: codec modules pull in
-# heavy model code that most commands never need).
-_CODEC_MODULES = {
-    "speech": "anygpt.modalities.speech",
-    "music": "anygpt.modalities.music",
-    "image": "anygpt.modalities.image",
-}
-_REGISTRY: dict[str, type[Codec]] = {}
+if TYPE_CHECKING:
+    from anygpt.modalities.base import Codec
 
+BUILTIN = ("anygpt.modalities.image", "anygpt.modalities.speech", "anygpt.modalities.music")
+ENTRY_POINT_GROUP = "anygpt.modalities"
+PLUGINS_ENV = "ANYGPT_PLUGINS"
 
-def register_codec(name: str) -> Callable[[type[Codec]], type[Codec]]:
-    def wrap(cls: type[Codec]) -> type[Codec]:
-        cls.modality = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
+_REGISTRY: dict[str, Modality] = {}
+_LOADED: list[bool] = []
 
 
-def codec_class(name: str) -> type[Codec]:
-    if name not in _REGISTRY:
-        if name not in _CODEC_MODULES:
-            raise CodecError(f"unknown modality {name!r}; known: {sorted(_CODEC_MODULES)}")
-        importlib.import_module(_CODEC_MODULES[name])
-    return _REGISTRY[name]
+def register_modality(cls: type[Modality]) -> type[Modality]:
+    """Class decorator: add a modality plugin to the registry (once; re-registering the same class is
+    a no-op, another class under a taken name an error)."""
+    for attr in ("name", "start", "end", "prefix", "default_codec"):
+        if not getattr(cls, attr, None):
+            raise CodecError(f"modality plugin {cls.__qualname__}: missing class attribute {attr!r}")
+    old = _REGISTRY.get(cls.name)
+    if old is not None:
+        if type(old).__qualname__ == cls.__qualname__ and type(old).__module__ == cls.__module__:
+            return cls
+        raise CodecError(f"modality {cls.name!r} is registered twice ({type(old).__module__} and {cls.__module__})")
+    if cls.founding and any(not p.founding for p in _REGISTRY.values()):
+        raise CodecError(f"modality {cls.name!r}: only the built-in modalities may be founding ones")
+    _REGISTRY[cls.name] = cls()
+    return cls
 
 
-def build_codec(name: str, source: str | Path = "tiny", **kwargs) -> Codec:
-    """Build codec ``name`` from ``"tiny"`` (random, small) or a checkpoint directory."""
-    cls = codec_class(name)
+def _import_plugin(spec: str) -> None:
+    """Import a plugin given as a module name or a path to a ``.py`` file."""
+    if spec.endswith(".py") or os.sep in spec:
+        path = Path(spec).expanduser().resolve()
+        name = f"anygpt_plugin_{path.stem}"
+        if name in sys.modules:
+            return
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        if loader_spec is None or loader_spec.loader is None or not path.is_file():
+            raise CodecError(f"${PLUGINS_ENV}: {spec}: no such plugin file")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = module
+        loader_spec.loader.exec_module(module)
+    else:
+        importlib.import_module(spec)
+
+
+def _ensure_loaded() -> None:
+    if _LOADED:
+        return
+    _LOADED.append(True)
+    for name in BUILTIN:
+        importlib.import_module(name)
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()
+    for spec in filter(None, (s.strip() for s in os.environ.get(PLUGINS_ENV, "").split(","))):
+        _import_plugin(spec)
+
+
+def registered() -> dict[str, Modality]:
+    """Every registered modality, name -> plugin, in registry order."""
+    _ensure_loaded()
+    return dict(_REGISTRY)
+
+
+def names() -> tuple[str, ...]:
+    return tuple(registered())
+
+
+def get(name: str) -> Modality:
+    """The plugin of modality ``name``; ``CodecError`` listing the known ones otherwise."""
+    plugins = registered()
+    if name not in plugins:
+        raise CodecError(f"unknown modality {name!r}; known: {', '.join(plugins)}")
+    return plugins[name]
+
+
+# ------------------------------------------------------------------------------------ codecs ---
+
+
+def _card_dirs(plugin: Modality) -> list[str]:
+    card_dir = getattr(plugin, "card_dir", None)
+    return [str(card_dir)] if card_dir else []
+
+
+def codec_card(modality: str, codec: str | None = None) -> dict[str, Any]:
+    """The card of ``codec`` (default: the modality's default codec), checked to serve ``modality``."""
+    plugin = get(modality)
+    card = named_card(codec or plugin.default_codec, _card_dirs(plugin))
+    if card["modality"] != modality:
+        raise CodecError(f"codec {card['name']!r} ({card['_path']}) is a {card['modality']} codec, not a {modality} one")
+    return card
+
+
+def codec_names(modality: str) -> list[str]:
+    """Names of the codecs a modality can use (its cards), the default first."""
+    plugin = get(modality)
+    found = [c["name"] for c in all_cards(_card_dirs(plugin)) if c["modality"] == modality]
+    return sorted(set(found), key=lambda n: (n != plugin.default_codec, n))
+
+
+def codec_class(card: dict[str, Any]) -> "type[Codec]":
+    """The class a card names in ``implementation: package.module:ClassName``."""
+    impl = str(card.get("implementation", ""))
+    module, _, attr = impl.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise CodecError(f"card {card.get('_path', card.get('name'))}: implementation {impl!r} cannot be "
+                         f"imported ({type(e).__name__}: {e})") from None
+    return cls
+
+
+def build_codec(modality: str, source: str | os.PathLike = "tiny", codec: str | None = None, **kwargs: Any) -> "Codec":
+    """Build ``modality``'s codec from ``"tiny"`` (random, small) or a checkpoint directory.
+
+    Args:
+        modality: a registered modality.
+        source: ``"tiny"`` or a codec directory (its ``card.yaml`` says which codec it holds; a raw
+            official download without one is read with the card of ``codec`` or the default codec).
+        codec: the card name to use (``mimi``); a directory holding another codec is an error.
+    """
     if str(source) == "tiny":
-        return cls.tiny(**kwargs)
-    return cls.from_dir(Path(source), **kwargs)
+        card = codec_card(modality, codec)
+        return codec_class(card).tiny(card=card, **kwargs)
+    directory = Path(source)
+    card = dir_card(directory) if directory.is_dir() else None
+    if card is None:
+        card = codec_card(modality, codec)
+    elif card["modality"] != modality:
+        raise CodecError(f"{directory}: holds a {card['modality']} codec ({card['name']}), not a {modality} one")
+    elif codec is not None and card["name"] != codec:
+        raise CodecError(f"{directory}: holds codec {card['name']!r}, not {codec!r}")
+    return codec_class(card).from_dir(directory, card=card, **kwargs)
 
 
-def load_codecs(codecs_dir: str | Path | None, modalities=("speech", "music", "image"), **kwargs) -> dict[str, Codec]:
-    """Load ``codecs_dir/<modality>/`` for each modality (or tiny codecs when ``codecs_dir`` is None)."""
+def codec_dir(codecs: str | os.PathLike, modality: str) -> Path:
+    """The directory of ``modality``'s codec inside a codecs directory (``DIR/<modality>/``), or
+    ``DIR`` itself when it is one codec's directory (holds a ``card.yaml`` for that modality)."""
+    root = Path(codecs)
+    if (root / modality).is_dir():
+        return root / modality
+    card = dir_card(root) if root.is_dir() else None
+    if card is not None and card["modality"] == modality:
+        return root
+    raise CodecError(f"{codecs}: no '{modality}/' codec directory (expected one per modality, "
+                     f"e.g. from 'anygpt codec fit')")
+
+
+def codecs_in(codecs: str | os.PathLike) -> list[str]:
+    """Registered modalities that a codecs directory has a subdirectory for, in registry order."""
+    root = Path(codecs)
+    return [m for m in names() if (root / m).is_dir()]
+
+
+def load_codecs(codecs: str | os.PathLike | None, modalities: Iterable[str] | None = None,
+                **kwargs: Any) -> dict[str, "Codec"]:
+    """A codecs directory (one subdirectory per modality) or ``"tiny"``/None -> codec objects.
+
+    Args:
+        codecs: the directory, or ``"tiny"``/None for the tiny random codecs.
+        modalities: which to load (default: every subdirectory the directory has; every registered
+            modality for tiny codecs).
+    """
+    tiny = codecs is None or str(codecs) == "tiny"
+    wanted = list(modalities) if modalities is not None else (list(names()) if tiny else codecs_in(codecs))
+    if not tiny and not wanted:
+        raise CodecError(f"{codecs}: holds no codec directory (expected {', '.join(names())} subdirectories)")
+    return {m: build_codec(m, "tiny" if tiny else codec_dir(codecs, m), **kwargs) for m in wanted}
+
+
+def directory_cards(codecs: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The cards of a codecs directory's codecs (modality -> card), without loading any weights."""
     out = {}
-    for m in modalities:
-        if codecs_dir is None:
-            out[m] = build_codec(m, "tiny", **kwargs)
-        else:
-            sub = Path(codecs_dir) / m
-            if not sub.is_dir():
-                raise CodecError(f"{codecs_dir}: no '{m}/' codec directory (expected one per modality)")
-            out[m] = build_codec(m, sub, **kwargs)
+    for m in codecs_in(codecs):
+        out[m] = dir_card(Path(codecs) / m) or codec_card(m)
     return out
 
 
-__all__ = ["Codec", "CodecError", "register_codec", "codec_class", "build_codec", "load_codecs"]
+__all__ = ["Modality", "CodecError", "register_modality", "registered", "names", "get", "codec_card",
+           "codec_names", "codec_class", "build_codec", "codec_dir", "codecs_in", "load_codecs",
+           "directory_cards", "BUILTIN", "PLUGINS_ENV", "ENTRY_POINT_GROUP"]

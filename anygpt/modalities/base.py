@@ -1,10 +1,15 @@
-"""The one contract every modality codec implements.
+"""The one contract every codec implements.
 
 A codec turns media into integer codes and back.  Codes always carry the codebook axis:
 ``[num_codebooks, T]`` (speech: 8 RVQ layers x 50 Hz frames; music: 4 Encodec codebooks x 50 Hz
-frames; image: 1 x 32 SEED ids).  The vocabulary layout decides how many leading codebooks the LM
+frames; image: 1 x 32 SEED ids).  The card's ``lm_codebooks`` says how many leading codebooks the LM
 sees (speech: layer 1 only; music: all 4; image: 1); shards keep all of them because the speech
 decoder trains on layers 2-8.
+
+Besides ``encode``/``decode`` the contract holds what ``anygpt codec fit`` needs to seed a tiny
+codec's codebooks from data: :meth:`Codec.fit_vectors` (what the first codebook quantises) and
+:meth:`Codec.codebooks` (the codebook modules, first to last; residual codebooks are fitted in
+order on what the previous ones leave).
 """
 from __future__ import annotations
 
@@ -15,38 +20,46 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 import torch
 
-
-class CodecError(ValueError):
-    """A codec could not be built or loaded (missing/mismatched checkpoint, bad card)."""
+from anygpt.modalities.plugin import CodecError
 
 
 class Codec(torch.nn.Module, abc.ABC):
     """Base class: ``encode(batch) -> list[codes]`` and ``decode(list[codes]) -> batch``.
 
     Attributes:
-        modality: registry name (``speech``, ``music``, ``image``).
+        card_name: the name of the codec's card in ``tokenizers/`` (``speechtokenizer``).
+        card: the card this codec was built from (``card["modality"]`` is its modality).
         sample_rate: audio sample rate the codec consumes/produces (``None`` for images).
         frame_rate: code frames per second (``None`` for images).
         num_codebooks: codebooks produced by ``encode`` (the codebook axis of the codes).
         codebook_size: ids per codebook.
     """
 
-    modality: ClassVar[str]
+    card_name: ClassVar[str]
+    card: dict[str, Any]
     sample_rate: int | None = None
     frame_rate: float | None = None
     num_codebooks: int
     codebook_size: int
 
+    @property
+    def modality(self) -> str:
+        return str(self.card["modality"])
+
+    @property
+    def lm_codebooks(self) -> int:
+        """Leading codebooks the LM sees (the card's ``lm_codebooks``)."""
+        return int(self.card["lm_codebooks"])
+
     @abc.abstractmethod
     def encode(self, items: Sequence[Any]) -> list[np.ndarray]:
-        """Encode a batch of media (1-D float waveforms at ``sample_rate``, or PIL images).
-
-        Returns one int64 array ``[num_codebooks, T]`` per item.
-        """
+        """Encode a batch of media (what the modality's ``read`` returns: waveforms at ``sample_rate``,
+        PIL images ...).  Returns one int64 array ``[num_codebooks, T]`` per item."""
 
     @abc.abstractmethod
-    def decode(self, codes: Sequence[np.ndarray]) -> list[Any]:
-        """Decode a batch of ``[K, T]`` code arrays back to media (waveforms or PIL images)."""
+    def decode(self, codes: Sequence[np.ndarray], **options: Any) -> list[Any]:
+        """Decode a batch of ``[K, T]`` code arrays back to media (``options``: the modality's
+        ``render_options``, e.g. diffusion steps for images)."""
 
     @classmethod
     @abc.abstractmethod
@@ -54,13 +67,28 @@ class Codec(torch.nn.Module, abc.ABC):
         """A small randomly initialised codec with the real architecture (tests, demo)."""
 
     @classmethod
+    def official(cls, **kwargs: Any) -> "Codec":
+        """The released architecture at full size with random weights (benchmarks: speed does not
+        depend on the weight values)."""
+        raise CodecError(f"{cls.__name__}: no full-size architecture to build")
+
+    @classmethod
     @abc.abstractmethod
     def from_dir(cls, directory: Path, **kwargs: Any) -> "Codec":
         """Load from a checkpoint directory (card + weights); missing files raise ``CodecError``."""
 
     @abc.abstractmethod
-    def save(self, directory: str | Path) -> None:
-        """Write card + weights so that ``build_codec(modality, directory)`` restores this codec."""
+    def save(self, directory: str | Path, **card_updates: Any) -> None:
+        """Write card + weights so that loading ``directory`` restores this codec."""
+
+    def fit_vectors(self, items: Sequence[Any]) -> torch.Tensor:
+        """Rows ``[N, D]`` that the first codebook quantises, for the items (k-means input of
+        ``anygpt codec fit``).  Codecs that cannot be fitted leave this unimplemented."""
+        raise CodecError(f"{type(self).__name__}: this codec has no codebooks to fit")
+
+    def codebooks(self) -> list[Any]:
+        """The codebook modules in quantisation order (``nn.Embedding`` or EMA codebooks with ``embed``)."""
+        raise CodecError(f"{type(self).__name__}: this codec has no codebooks to fit")
 
     @classmethod
     def _tiny_from(cls, build: Callable[[], "Codec"], seed: int | None, device: Any = None) -> "Codec":
@@ -77,3 +105,6 @@ class Codec(torch.nn.Module, abc.ABC):
         for p in self.parameters():
             return p.device
         return torch.device("cpu")
+
+
+__all__ = ["Codec", "CodecError"]

@@ -1,10 +1,12 @@
-"""``anygpt bench codecs``: encode/decode speed of each codec, tiny and real-size, at batch 1 and 8.
+"""``anygpt bench codecs``: encode/decode speed of every codec (each card of the registry's
+modalities), tiny and real-size, at batch 1 and 8.
 
 Real-size codecs are the released architectures with random weights: speed does not depend on the
 weight values, so this runs without any download.  Audio numbers are seconds of audio processed per
-wall-clock second (``x real time``; > 1 is faster than real time) and the real-time factor
-(``rtf`` = compute seconds / audio seconds); images are images per second.  The 1.1 B-parameter
-SEED ViT-g is opt-in (``real_image=True``) because on a 2-core CPU it takes minutes.
+wall-clock second (``x real time``; > 1 is faster than real time), the real-time factor (``rtf`` =
+compute seconds / audio seconds) and the LM positions one second of audio costs (frame rate x the
+codebooks the LM sees); images are images per second.  Real-size image codecs are opt-in
+(``real_image=True``): the 1.1 B-parameter SEED ViT-g takes minutes on a 2-core CPU.
 """
 from __future__ import annotations
 
@@ -39,13 +41,14 @@ def _audio_rows(codec: Any, size: str, seconds: float, batches: tuple[int, ...],
         dec = _timed(lambda: codec.decode(codes), repeat)
         media = seconds * b
         rows.append({
-            "codec": codec.modality, "size": size, "batch": b,
+            "codec": codec.card["name"], "modality": codec.modality, "size": size, "batch": b,
             "params_m": round(sum(p.numel() for p in codec.parameters()) / 1e6, 2),
             "media": f"{seconds:g}s audio",
             "codes": list(codes[0].shape),
             "encode_s": round(enc, 4), "decode_s": round(dec, 4),
             "encode_x_realtime": round(media / enc, 2), "decode_x_realtime": round(media / dec, 2),
             "encode_rtf": round(enc / media, 4), "decode_rtf": round(dec / media, 4),
+            "lm_positions_per_s": round(float(codec.frame_rate) * codec.lm_codebooks, 2),
         })
     return rows
 
@@ -61,7 +64,7 @@ def _image_rows(codec: Any, size: str, batches: tuple[int, ...], repeat: int) ->
         enc = _timed(lambda: codec.encode(imgs), repeat)
         emb = _timed(lambda: codec.codes_to_embedding(codes), repeat)
         rows.append({
-            "codec": "image", "size": size, "batch": b,
+            "codec": codec.card["name"], "modality": codec.modality, "size": size, "batch": b,
             "params_m": round(sum(p.numel() for p in codec.parameters()) / 1e6, 2),
             "media": "256px image", "codes": list(codes[0].shape),
             "encode_s": round(enc, 4), "decode_s": round(emb, 4),
@@ -71,15 +74,15 @@ def _image_rows(codec: Any, size: str, batches: tuple[int, ...], repeat: int) ->
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'codec':7} {'size':5} {'batch':>5} {'params':>8} {'encode':>9} {'decode':>9}  throughput"
+    head = f"{'codec':16} {'size':5} {'batch':>5} {'params':>8} {'encode':>9} {'decode':>9}  throughput"
     lines = [head, "-" * len(head)]
     for r in rows:
-        if r["codec"] == "image":
+        if "encode_images_per_s" in r:
             tp = f"{r['encode_images_per_s']:.1f} img/s encode, {r['codes_to_embedding_per_s']:.1f} img/s codes->embedding"
         else:
             tp = (f"{r['encode_x_realtime']:.1f}x / {r['decode_x_realtime']:.1f}x real time "
-                  f"(rtf {r['encode_rtf']:.3f} / {r['decode_rtf']:.3f})")
-        lines.append(f"{r['codec']:7} {r['size']:5} {r['batch']:>5} {r['params_m']:>7.1f}M "
+                  f"(rtf {r['encode_rtf']:.3f} / {r['decode_rtf']:.3f}), {r['lm_positions_per_s']:g} LM positions/s")
+        lines.append(f"{r['codec']:16} {r['size']:5} {r['batch']:>5} {r['params_m']:>7.1f}M "
                      f"{r['encode_s']:>8.3f}s {r['decode_s']:>8.3f}s  {tp}")
     return "\n".join(lines)
 
@@ -106,24 +109,27 @@ def bench_codecs(*, seconds: float = 4.0, batches: tuple[int, ...] = (1, 8), rea
 
 def _bench(seconds: float, batches: tuple[int, ...], real: bool, real_image: bool, repeat: int,
            device: str | None, json_path: str | Path | None, verbose: bool) -> dict[str, Any]:
-    from anygpt.modalities import codec_class
+    from anygpt import modalities as registry
+    from anygpt.modalities.plugin import AudioModality, ImageModality
 
-    plans: list[tuple[str, str]] = [("speech", "tiny"), ("music", "tiny"), ("image", "tiny")]
-    if real:
-        plans += [("speech", "real"), ("music", "real")]
-    if real_image:
-        plans.append(("image", "real"))
     rows: list[dict] = []
-    for modality, size in plans:
-        cls = codec_class(modality)
-        codec = cls.tiny() if size == "tiny" else cls.official()
-        if device:
-            codec.to(device)
-        if modality == "image":
-            rows += _image_rows(codec, size, batches, repeat)
-        else:
-            rows += _audio_rows(codec, size, seconds, batches, repeat)
-        del codec
+    for plugin in registry.registered().values():
+        audio = isinstance(plugin, AudioModality)
+        if not (audio or isinstance(plugin, ImageModality)):
+            continue  # no synthetic input for other kinds of media
+        for name in registry.codec_names(plugin.name):
+            card = registry.codec_card(plugin.name, name)
+            cls = registry.codec_class(card)
+            sizes = ["tiny"] + (["real"] if (real if audio else real_image) else [])
+            for size in sizes:
+                codec = cls.tiny(card=card) if size == "tiny" else cls.official(card=card)
+                if device:
+                    codec.to(device)
+                if audio:
+                    rows += _audio_rows(codec, size, seconds, batches, repeat)
+                else:
+                    rows += _image_rows(codec, size, batches, repeat)
+                del codec
     result = {
         "rows": rows,
         "device": device or "cpu",

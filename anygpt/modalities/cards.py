@@ -1,78 +1,54 @@
-"""Codec cards: the YAML files in ``tokenizers/`` that describe each modality codec.
+"""Codec cards: the YAML files in ``tokenizers/`` that describe each codec, one card per codec.
 
-A card says which files a checkpoint directory must hold, the sample/frame rates and codebooks the
-rest of the system relies on, where users download the public checkpoint themselves, and its
-license.  Codecs are built from (card, checkpoint dir) or (card, ``tiny``); ``Codec.save`` copies
-the card into the directory it writes (``card.yaml``), so a saved or fitted codec directory is
-self-describing and an exported model can carry it.
+A card says which modality the codec serves, which class implements it (``implementation:
+module:Class``), which files a checkpoint directory must hold, the sample/frame rates and codebooks the
+rest of the system relies on (``lm_codebooks``: how many of them the LM sees; ``tokens_per_item``: a
+fixed span length), where users download the public checkpoint themselves, and its license.  Codecs
+are built from (card, checkpoint dir) or (card, ``tiny``); ``Codec.save`` copies the card into the
+directory it writes (``card.yaml``), so a saved or fitted codec directory is self-describing and an
+exported model can carry it.
 
-Where a card is looked for (first hit wins):
+Where a card is looked for:
   1. ``<checkpoint dir>/card.yaml`` (written by ``save``/``anygpt codec fit``);
-  2. ``$ANYGPT_TOKENIZERS_DIR/<modality>.yaml``;
-  3. the repository's ``tokenizers/<modality>.yaml`` (next to the ``anygpt`` package);
-  4. a minimal built-in card (expected files and rates only), so a raw official download still
-     loads from an installed wheel that does not ship ``tokenizers/``.
+  2. by codec name, ``<name>.yaml`` in ``$ANYGPT_TOKENIZERS_DIR``, in a plugin's own ``card_dir``, then
+     in the shipped cards (the repository's ``tokenizers/``, package data of an installed wheel).
 """
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable
 
-import torch
+if TYPE_CHECKING:  # torch is imported by the codecs, not by the card logic (the CLI reads cards)
+    import torch
+
 import yaml
 
-from anygpt.modalities.base import CodecError
+from anygpt.modalities.plugin import CodecError
+
+log = logging.getLogger(__name__)
 
 CARD_FILE = "card.yaml"
 CARD_VERSION = 1
+CARDS_ENV = "ANYGPT_TOKENIZERS_DIR"
 
 # Fields every card must define (``sample_rate``/``frame_rate`` may be null for images).
-REQUIRED_FIELDS = ("name", "modality", "sample_rate", "frame_rate", "num_codebooks", "codebook_size", "files")
-
-# Last-resort cards: the facts the code needs when no YAML card can be found.  The YAML cards in
-# tokenizers/ are the documented source; tests check that these agree with them.
-BUILTIN_CARDS: dict[str, dict[str, Any]] = {
-    "speech": {
-        "name": "speechtokenizer",
-        "modality": "speech",
-        "sample_rate": 16000,
-        "frame_rate": 50,
-        "num_codebooks": 8,
-        "codebook_size": 1024,
-        "files": {"config": ["config.json"], "weights": ["SpeechTokenizer.pt", "ckpt.dev", "*.pt", "*.pth"]},
-    },
-    "music": {
-        "name": "encodec_32khz",
-        "modality": "music",
-        "sample_rate": 32000,
-        "frame_rate": 50,
-        "num_codebooks": 4,
-        "codebook_size": 2048,
-        "files": {"config": ["config.json"], "weights": ["model.safetensors", "pytorch_model.bin"]},
-    },
-    "image": {
-        "name": "seed_tokenizer_2",
-        "modality": "image",
-        "sample_rate": None,
-        "frame_rate": None,
-        "num_codebooks": 1,
-        "codebook_size": 8192,
-        "tokens_per_image": 32,
-        "files": {"weights": ["seed_quantizer.pt"]},
-        "optional_files": {"vision": ["eva_vit_g.pth", "eva_vit_g.pt"], "arch": ["seed_config.json"]},
-    },
-}
+REQUIRED_FIELDS = ("name", "modality", "implementation", "sample_rate", "frame_rate", "num_codebooks",
+                   "codebook_size", "lm_codebooks", "files")
 
 
-def tokenizers_dir() -> Path | None:
-    """The directory holding the YAML cards, or ``None`` when neither the env var nor the repo has one."""
-    env = os.environ.get("ANYGPT_TOKENIZERS_DIR")
-    if env and Path(env).is_dir():
-        return Path(env)
-    repo = Path(__file__).resolve().parents[2] / "tokenizers"
-    return repo if repo.is_dir() else None
+def card_dirs(extra: Iterable[str | os.PathLike] = ()) -> list[Path]:
+    """Directories holding named cards, first hit wins: ``$ANYGPT_TOKENIZERS_DIR``, ``extra``, shipped."""
+    from anygpt.resources import shipped_dir
+
+    env = os.environ.get(CARDS_ENV)
+    dirs = [Path(env)] if env else []
+    dirs += [Path(d) for d in extra]
+    dirs.append(shipped_dir("cards"))
+    return [d for d in dirs if d.is_dir()]
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -96,30 +72,48 @@ def validate_card(card: dict[str, Any], modality: str | None = None) -> dict[str
     files = card["files"]
     if not isinstance(files, dict) or not all(isinstance(v, list) and v for v in files.values()):
         raise CodecError(f"card {where}: 'files' must map a role to a non-empty list of file names/patterns")
+    if not 1 <= int(card["lm_codebooks"]) <= int(card["num_codebooks"]):
+        raise CodecError(f"card {where}: lm_codebooks must be between 1 and num_codebooks ({card['num_codebooks']})")
     return card
 
 
-def load_card(modality: str, directory: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The card for ``modality``: ``directory/card.yaml`` first, then the tokenizers dir, then built-in.
-
-    The returned dict carries ``_path`` (where it came from) for error messages.
-    """
-    candidates: list[Path] = []
-    if directory is not None:
-        candidates.append(Path(directory) / CARD_FILE)
-    tdir = tokenizers_dir()
-    if tdir is not None:
-        candidates.append(tdir / f"{modality}.yaml")
-    for path in candidates:
+def named_card(name: str, extra_dirs: Iterable[str | os.PathLike] = ()) -> dict[str, Any]:
+    """The card of codec ``name`` (``speechtokenizer``, ``mimi`` ...) from the card directories."""
+    dirs = card_dirs(extra_dirs)
+    for d in dirs:
+        path = d / f"{name}.yaml"
         if path.is_file():
             card = _read_yaml(path)
             card["_path"] = str(path)
-            return validate_card(card, modality)
-    if modality not in BUILTIN_CARDS:
-        raise CodecError(f"no card for modality {modality!r} (looked in {[str(c) for c in candidates]})")
-    card = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BUILTIN_CARDS[modality].items()}
-    card["_path"] = f"<built-in {modality} card>"
-    return validate_card(card, modality)
+            return validate_card(card)
+    known = sorted({p.stem for d in dirs for p in d.glob("*.yaml")})
+    raise CodecError(f"no card for codec {name!r} (looked in {[str(d) for d in dirs]}; known: {known})")
+
+
+def all_cards(extra_dirs: Iterable[str | os.PathLike] = ()) -> list[dict[str, Any]]:
+    """Every named card (first hit per name wins), sorted by name; unreadable files are skipped."""
+    seen: dict[str, dict[str, Any]] = {}
+    for d in card_dirs(extra_dirs):
+        for path in sorted(d.glob("*.yaml")):
+            if path.stem in seen:
+                continue
+            try:
+                card = validate_card({**_read_yaml(path), "_path": str(path)})
+            except CodecError as e:
+                log.warning("skipping card %s", e)
+                continue
+            seen[path.stem] = card
+    return [seen[k] for k in sorted(seen)]
+
+
+def dir_card(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """``directory/card.yaml`` when the directory has one (a saved or fitted codec), else None."""
+    path = Path(directory) / CARD_FILE
+    if not path.is_file():
+        return None
+    card = _read_yaml(path)
+    card["_path"] = str(path)
+    return validate_card(card)
 
 
 def card_label(card: dict[str, Any]) -> str:
@@ -188,30 +182,48 @@ def check_codec_matches(card: dict[str, Any], **actual: Any) -> None:
         raise CodecError(f"{card_label(card)}: checkpoint does not match the card: {', '.join(bad)}")
 
 
-def strict_load(module: torch.nn.Module, sd: dict[str, torch.Tensor], card: dict[str, Any], path: Path,
-                assign: bool = False) -> None:
-    """``load_state_dict(strict=True)`` with a one-line ``CodecError`` naming the card and file.
+def _by_prefix(keys: list[str], depth: int = 2) -> str:
+    groups = Counter(".".join(k.split(".")[:depth]) for k in keys)
+    return ", ".join(f"{p}.* {n}" for p, n in groups.most_common(8)) + (" ..." if len(groups) > 8 else "")
 
+
+def report_unused(card: dict[str, Any], path: Path, keys: list[str]) -> None:
+    """One warning for checkpoint keys a loader does not use: how many, grouped by prefix."""
+    log.warning("%s: %s holds %d keys this codec does not use (ignored): %s", card_label(card), Path(path).name,
+                len(keys), _by_prefix(keys))
+
+
+def load_weights(module: torch.nn.Module, sd: dict[str, torch.Tensor], card: dict[str, Any], path: Path,
+                 assign: bool = False) -> list[str]:
+    """Load ``sd`` into ``module``: every parameter and buffer the module has must be there with its
+    shape (else one ``CodecError`` naming the card, the file and the keys); keys the module does not
+    use are reported once, grouped by prefix, and ignored.
+
+    Why not strict: released checkpoints carry weights of branches the inference graph does not
+    build (SEED's ``seed_quantizer.pt`` holds ~146 such keys; SEED's own loader reports them and goes
+    on).  Missing or mis-shaped keys would leave random weights in place, so those stay errors.
     Floating tensors are cast to the module's dtype first (release checkpoints may hold fp16).  With
     ``assign=True`` the loaded tensors replace the module's own, so a model built on the ``meta``
-    device (no random init, no memory) becomes a real one.
+    device (no random init, no memory) becomes a real one.  Returns the unused keys.
     """
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
+    unused = [k for k in sd if k not in own]
     shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
              if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shape:
+    if missing or shape:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+            parts.append(f"{len(missing)} missing keys ({_by_prefix(missing)}; e.g. {missing[:3]})")
         if shape:
-            parts.append(f"{len(shape)} shape mismatches (e.g. {shape[:2]})")
+            parts.append(f"{len(shape)} shape mismatches (e.g. {shape[:3]})")
         raise CodecError(f"{card_label(card)}: {path} does not match the architecture: {'; '.join(parts)}")
-    sd = {k: (v.to(own[k].dtype) if v.is_floating_point() and v.dtype != own[k].dtype else v) for k, v in sd.items()}
+    if unused:
+        report_unused(card, path, unused)
+    sd = {k: (v.to(own[k].dtype) if v.is_floating_point() and v.dtype != own[k].dtype else v)
+          for k, v in sd.items() if k in own}
     module.load_state_dict(sd, strict=True, assign=assign)
+    return unused
 
 
 def write_card(card: dict[str, Any], directory: str | os.PathLike, **updates: Any) -> Path:
@@ -228,14 +240,17 @@ def write_card(card: dict[str, Any], directory: str | os.PathLike, **updates: An
 
 __all__ = [
     "CARD_FILE",
-    "BUILTIN_CARDS",
-    "tokenizers_dir",
-    "load_card",
+    "CARDS_ENV",
+    "card_dirs",
+    "named_card",
+    "all_cards",
+    "dir_card",
     "validate_card",
     "resolve_files",
     "check_codec_matches",
     "write_card",
-    "strict_load",
+    "load_weights",
+    "report_unused",
     "card_label",
     "expected_files_text",
 ]

@@ -1,12 +1,13 @@
 """``anygpt codec ...``: encode/decode one file with a modality codec, fit tiny codebooks, benchmark.
 
-    anygpt codec encode --modality {speech,music,image} --input FILE (--codecs DIR | --tiny) --out codes.npy
-    anygpt codec decode --modality M --input codes.npy (--codecs DIR | --tiny) --out FILE.wav|FILE.png
-    anygpt codec fit    --modality M --inputs FILE... --out CODECS_DIR [--base tiny|DIR] [--iters N]
+    anygpt codec encode --modality M --input FILE (--codecs DIR | --tiny [--codec NAME]) --out codes.npy
+    anygpt codec decode --modality M --input codes.npy (--codecs DIR | --tiny [--codec NAME]) --out FILE
+    anygpt codec fit    --modality M --inputs FILE... --out CODECS_DIR [--base tiny|DIR] [--codec NAME] [--iters N]
     anygpt codec bench  [--real] [--json FILE]
 
-``--codecs DIR`` is a codecs directory with one subdirectory per modality (what ``codec fit``
-writes); a directory that is itself a codec directory (holds ``card.yaml``/weights) works too.
+Modalities and codecs come from the registry (:mod:`anygpt.modalities`).  ``--codecs DIR`` is a
+codecs directory with one subdirectory per modality (what ``codec fit`` writes); a directory that is
+itself a codec directory (holds ``card.yaml``) works too.
 Every error prints one line to stderr and exits non-zero.  ``add_codec_parser`` plugs this into
 the top-level ``anygpt`` parser; ``main(argv)`` runs it stand-alone (tests).
 """
@@ -20,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-MODALITIES = ("speech", "music", "image")
+from anygpt import modalities as registry
 
 
 def add_codec_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -33,36 +34,44 @@ def add_codec_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argum
     sub = p.add_subparsers(dest="codec_command", metavar="{encode,decode,fit,bench}")
     sub.required = True
 
+    modalities = registry.names()
+
     def source_args(sp: argparse.ArgumentParser) -> None:
         g = sp.add_mutually_exclusive_group(required=True)
         g.add_argument("--codecs", metavar="DIR", help="codecs directory (DIR/<modality>/) or one codec directory")
         g.add_argument("--tiny", action="store_true", help="use the tiny random codec (same architecture)")
+        sp.add_argument("--codec", default=None, metavar="NAME",
+                        help="with --tiny: which of the modality's codecs (default: its default codec)")
         sp.add_argument("--device", default=None, help="torch device (default: cpu)")
 
     enc = sub.add_parser("encode", help="media file -> codes .npy ([codebooks, T] int64)")
-    enc.add_argument("--modality", required=True, choices=MODALITIES)
+    enc.add_argument("--modality", required=True, choices=modalities)
     enc.add_argument("--input", required=True, metavar="FILE")
     enc.add_argument("--out", required=True, metavar="CODES.npy")
     enc.add_argument("--max-seconds", type=float, default=None, help="clip audio to this duration")
     source_args(enc)
     enc.set_defaults(func=_guarded(cmd_encode), handler=_guarded(cmd_encode))
 
-    dec = sub.add_parser("decode", help="codes .npy -> .wav (speech/music) or .png (image)")
-    dec.add_argument("--modality", required=True, choices=MODALITIES)
+    dec = sub.add_parser("decode", help="codes .npy -> a media file (.wav, .png ... by modality)")
+    dec.add_argument("--modality", required=True, choices=modalities)
     dec.add_argument("--input", required=True, metavar="CODES.npy")
     dec.add_argument("--out", required=True, metavar="FILE")
-    dec.add_argument("--steps", type=int, default=None, help="image: diffusion steps")
-    dec.add_argument("--guidance", type=float, default=None, help="image: guidance scale")
-    dec.add_argument("--seed", type=int, default=None, help="image: sampling seed")
+    options = {}
+    for plugin in registry.registered().values():
+        for opt, (kind, text) in plugin.render_options.items():
+            options.setdefault(opt, (kind, []))[1].append(f"{plugin.name}: {text}")
+    for opt, (kind, texts) in options.items():
+        dec.add_argument(f"--{opt}", type=kind, default=None, help="; ".join(texts))
     source_args(dec)
     dec.set_defaults(func=_guarded(cmd_decode), handler=_guarded(cmd_decode))
 
     fit = sub.add_parser("fit", help="k-means the codebooks of a (tiny) codec on real inputs; write CODECS_DIR/<modality>/")
-    fit.add_argument("--modality", required=True, choices=MODALITIES)
+    fit.add_argument("--modality", required=True, choices=modalities)
     fit.add_argument("--inputs", required=True, nargs="+", metavar="FILE")
     fit.add_argument("--out", required=True, metavar="CODECS_DIR")
     fit.add_argument("--base", default="tiny", metavar="tiny|DIR", help="codec to start from (default: tiny)")
     fit.add_argument("--tiny", dest="base", action="store_const", const="tiny", help="same as --base tiny")
+    fit.add_argument("--codec", default=None, metavar="NAME", help="which of the modality's codecs (default: its default)")
     fit.add_argument("--iters", type=int, default=20, help="k-means iterations (default 20)")
     fit.add_argument("--clusters", type=int, default=None,
                      help="fit at most this many codes per codebook (small corpora learn better with few)")
@@ -84,27 +93,19 @@ def add_codec_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argum
 # ------------------------------------------------------------------------------------ helpers ---
 
 
-def _codec_dir(codecs: str, modality: str) -> Path:
-    root = Path(codecs)
-    if (root / modality).is_dir():
-        return root / modality
-    if (root / "card.yaml").is_file() or any(root.glob("*.pt")) or (root / "config.json").is_file():
-        return root
+def _load_codec(args: argparse.Namespace) -> Any:
     from anygpt.modalities.base import CodecError
 
-    raise CodecError(f"{codecs}: no '{modality}/' codec directory (expected one per modality, e.g. from 'anygpt codec fit')")
-
-
-def _load_codec(args: argparse.Namespace) -> Any:
-    from anygpt.modalities import build_codec
-
-    source: str | Path = "tiny" if args.tiny else _codec_dir(args.codecs, args.modality)
+    if args.codec is not None and not args.tiny:
+        raise CodecError("--codec picks a tiny codec (--tiny --codec NAME); a --codecs directory's card says "
+                         "which codec it holds")
+    source: str | Path = "tiny" if args.tiny else registry.codec_dir(args.codecs, args.modality)
     t0 = time.perf_counter()
-    codec = build_codec(args.modality, source)
+    codec = registry.build_codec(args.modality, source, codec=args.codec)
     if args.device:
         codec.to(args.device)
     n = sum(p.numel() for p in codec.parameters())
-    print(f"codec {args.modality} ({'tiny' if args.tiny else source}): {n / 1e6:.1f} M params, "
+    print(f"codec {args.modality} {codec.card['name']} ({'tiny' if args.tiny else source}): {n / 1e6:.1f} M params, "
           f"loaded in {time.perf_counter() - t0:.2f}s")
     return codec
 
@@ -113,32 +114,26 @@ def _load_codec(args: argparse.Namespace) -> Any:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from anygpt.modalities.media import load_audio, load_image
+    from anygpt.modalities.plugin import ReadOptions
 
     codec = _load_codec(args)
-    if args.modality == "image":
-        item: Any = load_image(args.input)
-        what = f"{item.width}x{item.height} image"
-        media_seconds = None
-    else:
-        item, info = load_audio(args.input, codec.sample_rate, max_seconds=args.max_seconds)
-        media_seconds = info.seconds
-        what = (f"{info.seconds:.2f}s at {codec.sample_rate} Hz"
-                + (f" (truncated from {info.orig_seconds:.2f}s)" if info.truncated else ""))
+    plugin = registry.get(args.modality)
+    item, info = plugin.read(args.input, codec, ReadOptions(clip_seconds=args.max_seconds))
     t0 = time.perf_counter()
     codes = codec.encode([item])[0]
     dt = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, codes.astype(np.int64))
+    media_seconds = info.get("seconds")
     rate = f", {media_seconds / dt:.1f}x real time" if media_seconds else ""
-    print(f"encoded {args.input} ({what}) -> codes {list(codes.shape)} int64 in {dt:.3f}s{rate}; wrote {out}")
+    print(f"encoded {args.input} ({plugin.describe(info)}) -> codes {list(codes.shape)} int64 in {dt:.3f}s{rate}; "
+          f"wrote {out}")
     return 0
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from anygpt.modalities.base import CodecError
-    from anygpt.modalities.media import save_audio, save_image
 
     try:
         codes = np.load(args.input, allow_pickle=False)
@@ -149,21 +144,15 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
         raise CodecError(f"{args.input}: expected an integer [codebooks, T] array, got {codes.dtype} {codes.shape}")
     codec = _load_codec(args)
+    plugin = registry.get(args.modality)
+    options = {k: getattr(args, k) for k in plugin.render_options if getattr(args, k) is not None}
     t0 = time.perf_counter()
-    out = Path(args.out)
-    if args.modality == "image":
-        kw = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance), ("seed", args.seed)) if v is not None}
-        img = codec.decode([codes], **kw)[0]
-        dt = time.perf_counter() - t0
-        save_image(out, img)
-        print(f"decoded {args.input} codes {list(codes.shape)} -> {img.width}x{img.height} image in {dt:.3f}s; wrote {out}")
-    else:
-        wav = codec.decode([codes])[0]
-        dt = time.perf_counter() - t0
-        save_audio(out, wav, codec.sample_rate)
-        secs = len(wav) / codec.sample_rate
-        print(f"decoded {args.input} codes {list(codes.shape)} -> {secs:.2f}s at {codec.sample_rate} Hz "
-              f"in {dt:.3f}s ({secs / max(dt, 1e-9):.1f}x real time); wrote {out}")
+    item = codec.decode([codes], **options)[0]
+    dt = time.perf_counter() - t0
+    out = plugin.write(Path(args.out), item, codec)
+    secs = plugin.seconds(item, codec)
+    speed = f" ({secs:.2f}s, {secs / max(dt, 1e-9):.1f}x real time)" if secs else ""
+    print(f"decoded {args.input} codes {list(codes.shape)} -> {args.modality} in {dt:.3f}s{speed}; wrote {out}")
     return 0
 
 
@@ -172,7 +161,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     out = Path(args.out) / args.modality
     t0 = time.perf_counter()
-    codec, report = fit_codec(args.modality, args.inputs, out, base=args.base, iters=args.iters,
+    codec, report = fit_codec(args.modality, args.inputs, out, base=args.base, codec=args.codec, iters=args.iters,
                               seed=args.seed, max_seconds=args.max_seconds, max_clusters=args.clusters)
     print(report.summary())
     print(f"wrote {out} (card + weights) in {time.perf_counter() - t0:.1f}s; use --codecs {args.out}")
@@ -217,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "codec":
         argv = ["codec", *argv]
-    parser = argparse.ArgumentParser(prog="anygpt")
+    parser = argparse.ArgumentParser(prog="anygpt", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command")
     add_codec_parser(sub)
     try:

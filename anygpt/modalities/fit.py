@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from anygpt.modalities import build_codec
+from anygpt import modalities as registry
 from anygpt.modalities.base import Codec, CodecError
 
 
@@ -145,23 +145,9 @@ def _set_codebook(cb: Any, centroids: torch.Tensor, counts: torch.Tensor) -> Non
             cb.inited.fill_(1)
 
 
-def _encoder_vectors(codec: Codec, items: Sequence[Any], max_vectors: int, seed: int) -> torch.Tensor:
-    """Encoder outputs of all items as rows ``[N, D]`` (what the first codebook quantises)."""
-    rows = []
-    if codec.modality in ("speech", "music"):
-        from anygpt.modalities.media import coerce_audio
-
-        for i, item in enumerate(items):
-            wav = torch.from_numpy(coerce_audio(item, codec.sample_rate, f"{codec.modality} item {i}"))[None, None]
-            emb = codec.embeddings(wav)[0]  # [D, T]
-            rows.append(emb[:, : codec.num_frames(wav.shape[-1])].t().cpu())
-    elif codec.modality == "image":
-        for start in range(0, len(items), 8):
-            z = codec.query_features(codec.preprocess(items[start: start + 8]))
-            rows.append(z.reshape(-1, z.shape[-1]).cpu())
-    else:
-        raise CodecError(f"fit: no fitting recipe for modality {codec.modality!r}")
-    x = torch.cat(rows).float()
+def _fit_rows(codec: Codec, items: Sequence[Any], max_vectors: int, seed: int) -> torch.Tensor:
+    """The codec's fit vectors (what its first codebook quantises), subsampled to ``max_vectors``."""
+    x = codec.fit_vectors(items).float()
     if x.shape[0] > max_vectors:  # k-means cost is linear in N; a random subset is plenty
         x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:max_vectors]]
     return x
@@ -172,14 +158,15 @@ def fit_codebooks(codec: Codec, items: Sequence[Any], *, iters: int = 20, seed: 
                   max_clusters: int | None = None) -> FitReport:
     """Initialise every codebook of ``codec`` in place from ``items`` (waveforms / images).
 
-    RVQ codecs are fitted layer by layer on residuals; SEED's single codebook on the 32-d query
-    vectors.  Each codebook fits at most ``N // min_per_cluster`` clusters (see :func:`kmeans`).
+    Residual codebooks are fitted layer by layer on what the previous ones leave (RVQ); a single
+    codebook (SEED) on the codec's fit vectors.  Each codebook fits at most ``N // min_per_cluster``
+    clusters (see :func:`kmeans`).
     Returns a :class:`FitReport` with per-codebook usage on the fitting inputs.
     """
     if not items:
         raise CodecError("fit: no inputs given")
     t0 = time.perf_counter()
-    x = _encoder_vectors(codec, items, max_vectors, seed)
+    x = _fit_rows(codec, items, max_vectors, seed)
     books = codec.codebooks()
     residual = x
     for layer, cb in enumerate(books):
@@ -189,43 +176,44 @@ def fit_codebooks(codec: Codec, items: Sequence[Any], *, iters: int = 20, seed: 
         if layer + 1 < len(books):
             residual = residual - centroids[_nearest(residual, centroids)]
     report = FitReport(codec.modality, len(items), int(x.shape[0]), iters, 0.0, codebook_usage(codec, items))
-    slots = int(getattr(codec, "config", {}).get("num_query_tokens", 0)) if codec.modality == "image" else 0
+    slots = int(codec.card.get("tokens_per_item") or 0)
     if slots and report.codebooks[0].used < 2 * slots:
-        # One codebook serves every query slot and slot vectors differ mostly by slot: with fewer than a
-        # couple of codes per slot, different images get (nearly) the same codes.
-        report.notes.append(f"only {report.codebooks[0].used} codes for {slots} query slots: images will "
-                            f"hardly differ in codes; fit on at least {2 * min_per_cluster} images")
+        # One codebook serves every slot of a fixed-length span (SEED's 32 queries) and slot vectors
+        # differ mostly by slot: with fewer than a couple of codes per slot, items get (nearly) the
+        # same codes.
+        report.notes.append(f"only {report.codebooks[0].used} codes for {slots} slots per item: items will "
+                            f"hardly differ in codes; fit on at least {2 * min_per_cluster} inputs")
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def load_inputs(modality: str, paths: Sequence[str | os.PathLike], sample_rate: int | None,
+def load_inputs(modality: str, paths: Sequence[str | os.PathLike], codec: Codec,
                 max_seconds: float | None = 30.0) -> list[Any]:
-    """Read fitting inputs with the media loaders (``MediaError`` names a bad file)."""
-    from anygpt.modalities.media import load_audio, load_image
+    """Read fitting inputs with the modality's reader (``MediaError`` names a bad file)."""
+    from anygpt.modalities.plugin import ReadOptions
 
-    if modality == "image":
-        return [load_image(p) for p in paths]
-    return [load_audio(p, int(sample_rate), max_seconds=max_seconds)[0] for p in paths]
+    plugin = registry.get(modality)
+    return [plugin.read(p, codec, ReadOptions(clip_seconds=max_seconds))[0] for p in paths]
 
 
 def fit_codec(modality: str, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-              base: str | os.PathLike = "tiny", *, iters: int = 20, seed: int = 0,
+              base: str | os.PathLike = "tiny", *, codec: str | None = None, iters: int = 20, seed: int = 0,
               max_seconds: float | None = 30.0, max_clusters: int | None = None,
               max_vectors: int = 200_000) -> tuple[Codec, FitReport]:
-    """Build ``modality``'s codec from ``base`` (``"tiny"`` or a directory), fit it on the files in
-    ``inputs`` and save it (weights + card with the fit report) to ``out_dir``."""
-    codec = build_codec(modality, base)
-    items = load_inputs(modality, inputs, codec.sample_rate, max_seconds)
-    report = fit_codebooks(codec, items, iters=iters, seed=seed, max_clusters=max_clusters, max_vectors=max_vectors)
-    codec.save(Path(out_dir), fitted={
+    """Build ``modality``'s codec from ``base`` (``"tiny"`` or a directory; ``codec`` picks among the
+    modality's codecs), fit it on the files in ``inputs`` and save it (weights + card with the fit
+    report) to ``out_dir``."""
+    built = registry.build_codec(modality, base, codec=codec)
+    items = load_inputs(modality, inputs, built, max_seconds)
+    report = fit_codebooks(built, items, iters=iters, seed=seed, max_clusters=max_clusters, max_vectors=max_vectors)
+    built.save(Path(out_dir), fitted={
         "inputs": report.inputs,
         "vectors": report.vectors,
         "iters": report.iters,
         "max_clusters": max_clusters,
         "codebooks": [{"name": c.name, "used": c.used, "perplexity": round(c.perplexity, 3)} for c in report.codebooks],
     })
-    return codec, report
+    return built, report
 
 
 __all__ = ["kmeans", "usage", "codebook_usage", "fit_codebooks", "fit_codec", "load_inputs",

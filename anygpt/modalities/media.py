@@ -29,13 +29,15 @@ class MediaError(ValueError):
     """An input file could not be turned into media (the message names the file)."""
 
 
-def _name(src: Any) -> str:
+def source_name(src: Any) -> str:
+    """A file's name for messages: the path, a stream's ``name``, or ``<stream>``."""
     if isinstance(src, (str, os.PathLike)):
         return str(src)
     return str(getattr(src, "name", "<stream>"))
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception as one line (for one-line error messages)."""
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
 
@@ -107,7 +109,7 @@ def load_audio(
     """
     import soundfile as sf
 
-    name = _name(src)
+    name = source_name(src)
     if isinstance(src, (str, os.PathLike)):
         p = Path(src)
         if not p.is_file():
@@ -117,7 +119,7 @@ def load_audio(
     try:
         data, sr = sf.read(src, dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError/RuntimeError/TypeError variants
-        raise MediaError(f"{name}: cannot read audio ({_one_line(exc)})") from None
+        raise MediaError(f"{name}: cannot read audio ({one_line(exc)})") from None
     if data.shape[1] < 1:
         raise MediaError(f"{name}: audio has no channels")
     if data.shape[0] < min_samples:
@@ -227,7 +229,7 @@ def load_image(src: PathOrFile | "Image.Image", *, name: str | None = None) -> "
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    label = name or _name(src)
+    label = name or source_name(src)
     if isinstance(src, Image.Image):
         img = src
     else:
@@ -243,19 +245,19 @@ def load_image(src: PathOrFile | "Image.Image", *, name: str | None = None) -> "
         except UnidentifiedImageError:
             raise MediaError(f"{label}: not a recognised image format") from None
         except Image.DecompressionBombError as exc:
-            raise MediaError(f"{label}: image too large ({_one_line(exc)})") from None
+            raise MediaError(f"{label}: image too large ({one_line(exc)})") from None
         except (OSError, ValueError, SyntaxError) as exc:  # truncated/corrupt data
-            raise MediaError(f"{label}: cannot decode image ({_one_line(exc)})") from None
+            raise MediaError(f"{label}: cannot decode image ({one_line(exc)})") from None
     if img.width < 1 or img.height < 1:
         raise MediaError(f"{label}: image has zero size {img.size}")
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as exc:  # malformed EXIF blocks
-        raise MediaError(f"{label}: bad EXIF data ({_one_line(exc)})") from None
+        raise MediaError(f"{label}: bad EXIF data ({one_line(exc)})") from None
     try:
         return _to_rgb(img)
     except Exception as exc:
-        raise MediaError(f"{label}: cannot convert {img.mode} image to RGB ({_one_line(exc)})") from None
+        raise MediaError(f"{label}: cannot convert {img.mode} image to RGB ({one_line(exc)})") from None
 
 
 def save_image(path: str | os.PathLike, img: "Image.Image") -> Path:
@@ -311,6 +313,8 @@ def group_by_length(lengths: Sequence[int], pad: bool) -> list[list[int]]:
 
 __all__ = [
     "MediaError",
+    "source_name",
+    "one_line",
     "AudioInfo",
     "CLIP_MEAN",
     "CLIP_STD",

@@ -44,15 +44,12 @@ def resolve_precision(cfg: TrainConfig, cuda: bool) -> str:
     return p
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
 def find_ds_json(path: str | Path) -> Path:
-    """``path`` as given, else relative to the repository (``ds_configs/zero3.json`` from any directory)."""
-    path = Path(path)
-    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
-        return REPO_ROOT / path
-    return path
+    """``path`` as given, else the shipped config it names (``ds_configs/zero3.json`` from any
+    directory, also from an installed package)."""
+    from anygpt.resources import resolve_config_path
+
+    return resolve_config_path(path)
 
 
 def load_ds_json(path: str | Path) -> dict[str, Any]:

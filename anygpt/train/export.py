@@ -5,8 +5,9 @@
     HF_DIR/config.json, model.safetensors     consolidated fp32 weights (or --dtype), LoRA merged
     HF_DIR/tokenizer.json, tokenizer_config.json, ...   the run's tokenizer, layout tokens included
     HF_DIR/vocab_layout.json                  the vocabulary layout
-    HF_DIR/cards/{speech,music,image}.yaml    the codec cards (from the run's codecs dir when it has
-                                              them, else the repository's tokenizers/ cards)
+    HF_DIR/cards/<modality>.yaml              the codec card of each modality of the layout (from the
+                                              run's codecs dir when it has it, else the card of the
+                                              codec the layout records)
     HF_DIR/codecs/                            a copy of ``model.codecs`` when the run named one
     HF_DIR/anygpt_export.json                 provenance: checkpoint, step, dtype, LoRA merged
 
@@ -43,23 +44,26 @@ def consolidated_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _copy_cards(out: Path, codecs: Path | None) -> list[str]:
-    from anygpt.modalities.cards import CARD_FILE, tokenizers_dir
+def _copy_cards(out: Path, layout: Any, codecs: Path | None) -> list[str]:
+    """Write ``out/cards/<modality>.yaml`` for every modality of the layout; returns their names."""
+    import yaml
+
+    from anygpt import modalities as registry
+    from anygpt.modalities.cards import CARD_FILE
 
     cards = out / "cards"
     cards.mkdir(parents=True, exist_ok=True)
-    copied = []
-    tdir = tokenizers_dir()
-    for modality in ("speech", "music", "image"):
-        src = None
-        if codecs is not None and (codecs / modality / CARD_FILE).is_file():
-            src = codecs / modality / CARD_FILE
-        elif tdir is not None and (tdir / f"{modality}.yaml").is_file():
-            src = tdir / f"{modality}.yaml"
-        if src is not None:
-            shutil.copy2(src, cards / f"{modality}.yaml")
-            copied.append(modality)
-    return copied
+    for name, spec in layout.modalities.items():
+        src = codecs / name / CARD_FILE if codecs is not None else None
+        if src is not None and src.is_file():
+            shutil.copy2(src, cards / f"{name}.yaml")
+            continue
+        card = registry.codec_card(name, spec.codec) if name in registry.names() else None
+        if card is not None:
+            data = {k: v for k, v in card.items() if not k.startswith("_")}
+            (cards / f"{name}.yaml").write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True),
+                                                encoding="utf-8")
+    return sorted(p.stem for p in cards.glob("*.yaml"))
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None = None) -> dict[str, Any]:
@@ -117,7 +121,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
     codecs = Path(meta["codecs"]) if meta.get("codecs") else None
     if codecs is not None and codecs.is_dir():
         shutil.copytree(codecs, out / "codecs", dirs_exist_ok=True)
-    cards = _copy_cards(out, codecs if codecs is not None and codecs.is_dir() else None)
+    from anygpt.layout import VocabLayout
+
+    cards = _copy_cards(out, VocabLayout.load(out), codecs if codecs is not None and codecs.is_dir() else None)
     record = {"checkpoint": str(ckpt.resolve()), "step": meta.get("step"), "dtype": dtype,
               "lora_merged": bool(lora), "cards": cards, "codecs": "codecs" if (out / "codecs").is_dir() else None,
               "model": meta.get("model")}

@@ -58,13 +58,12 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
         from anygpt.data import TASK_NAMES, build_eval_loader, build_train_loader
-        from anygpt.text_tokenizer import prepare_tokenizer
         from anygpt.train.checkpoint import CheckpointManager
         from anygpt.train.engine import barrier, build_engine, init_runtime, world_from_env
         from anygpt.train.faults import Faults
         from anygpt.train.losses import TokenLoss
         from anygpt.train.metrics import Progress, RunLogger
-        from anygpt.train.preflight import preflight
+        from anygpt.train.preflight import preflight, run_tokenizer
 
         cfg = self.cfg
         # Checks first: a bad config fails on every rank before a process group or model exists.
@@ -73,7 +72,7 @@ class Trainer:
         self.faults = Faults.from_env(rt.rank)
         self.run_dir = Path(cfg.run.dir)
         self.progress = Progress(rt.is_main, cfg.run.max_steps, 0, show_bar=False)  # until the real one
-        self.tokenizer, self.layout = prepare_tokenizer(plan.source.tokenizer_dir)
+        self.tokenizer, self.layout = run_tokenizer(cfg, plan.source, plan.resume_from)
         if rt.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")

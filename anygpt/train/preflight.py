@@ -23,6 +23,29 @@ class Plan:
     cuda: bool
 
 
+def run_tokenizer(cfg: TrainConfig, source: object, resume_from: Path | None = None) -> tuple[object, object]:
+    """The run's tokenizer and vocabulary layout, *read back* where one was saved.
+
+    Resume: the checkpoint's own ``tokenizer/`` and ``vocab_layout.json``.  Otherwise the tokenizer
+    directory's (or the model directory's) ``vocab_layout.json`` when there is one (continued
+    training, a stage-2 run, a prepared tokenizer), else the layout a release tokenizer's added
+    tokens say, else a new default layout for ``model.modalities`` sized by ``model.codecs``' cards.
+    ``model.codecs`` must match a read layout.  Every problem is one ConfigError line.
+    """
+    from anygpt import modalities as registry
+    from anygpt.layout import LayoutError
+    from anygpt.modalities import CodecError
+    from anygpt.text_tokenizer import TokenizerError, prepare_tokenizer
+
+    tok_dir = str(resume_from / "tokenizer") if resume_from is not None else source.tokenizer_dir
+    dirs = [str(resume_from)] if resume_from is not None else ([source.path] if source.kind != "named" else [])
+    try:
+        cards = registry.directory_cards(cfg.model.codecs) if cfg.model.codecs else None
+        return prepare_tokenizer(tok_dir, layout_dirs=dirs, modalities=cfg.model.modalities, cards=cards)
+    except (LayoutError, CodecError, TokenizerError) as e:
+        raise ConfigError(f"model: {e}") from None
+
+
 def resolve_resume(cfg: TrainConfig, resume: str | None, world_size: int) -> Path | None:
     """``None`` (fresh run), ``"auto"`` (newest complete checkpoint of ``run.dir``, if any) or a path."""
     from anygpt.train.checkpoint import (CheckpointError, checkpoints_root, latest_checkpoint, read_trainer_state,
@@ -83,4 +106,5 @@ def preflight(cfg: TrainConfig, world_size: int, resume: str | None = None, cuda
         raise ConfigError(f"model.codecs: {cfg.model.codecs} is not a directory")
     check_data(cfg)
     ckpt = resolve_resume(cfg, resume, world_size)
+    run_tokenizer(cfg, source, ckpt)  # layout read back and checked against model.codecs
     return Plan(ds, source, ckpt, world_size, cuda)

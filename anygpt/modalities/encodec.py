@@ -1,0 +1,249 @@
+"""Music codec: Encodec 32 kHz (the MusicGen tokenizer, ``facebook/encodec_32khz``) via ``transformers``.
+
+Mono 32 kHz audio -> 4 codebooks x 2048 at 50 frames/s (2.2 kbps).  ``transformers.EncodecModel``
+already implements this architecture and reads the Hugging Face checkpoint layout (including the
+legacy ``weight_g``/``weight_v`` weight-norm keys), so we wrap it rather than re-implement it.
+
+Why we call ``model.encoder`` + ``model.quantizer`` ourselves instead of ``model.encode``: the
+32 kHz model has no chunking of its own (``chunk_length_s`` is null), so a 10-minute track would be
+one giant forward pass; we split long inputs into hop-aligned chunks (frame counts add up exactly),
+keep the RVQ distance computation in float32 while the conv stacks may run in fp16 on CUDA, and
+get at the encoder output that ``fit`` needs.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from anygpt.model import quiet_transformers
+from anygpt.modalities.base import Codec, CodecError
+from anygpt.modalities.cards import card_label, check_codec_matches, dir_card, named_card, resolve_files, write_card
+from anygpt.modalities.media import coerce_audio, group_by_length, padded_batch
+
+# facebook/encodec_32khz config.json (model part).
+OFFICIAL_CONFIG: dict[str, Any] = {
+    "audio_channels": 1,
+    "chunk_length_s": None,
+    "overlap": None,
+    "codebook_dim": 128,
+    "codebook_size": 2048,
+    "compress": 2,
+    "dilation_growth_rate": 2,
+    "hidden_size": 128,
+    "kernel_size": 7,
+    "last_kernel_size": 7,
+    "norm_type": "weight_norm",
+    "normalize": False,
+    "num_filters": 64,
+    "num_lstm_layers": 2,
+    "num_residual_layers": 1,
+    "pad_mode": "reflect",
+    "residual_kernel_size": 3,
+    "sampling_rate": 32000,
+    "target_bandwidths": [2.2],
+    "trim_right_ratio": 1.0,
+    "upsampling_ratios": [8, 5, 4, 4],
+    "use_causal_conv": False,
+    "use_conv_shortcut": False,
+}
+
+# Same family, small widths; sample rate, hop (640 -> 50 Hz), 4 x 2048 codebooks unchanged because
+# the vocabulary layout depends on them.
+TINY_CONFIG: dict[str, Any] = {**OFFICIAL_CONFIG, "num_filters": 8, "hidden_size": 32, "codebook_dim": 32,
+                               "num_lstm_layers": 1}
+
+
+class EncodecMusicCodec(Codec):
+    """Encodec 32 kHz as a codec: 1-D 32 kHz waveforms <-> ``[4, T]`` code arrays (T = ceil(len/640)).
+
+    Args:
+        model: a ``transformers.EncodecModel`` in the encodec_32khz layout.
+        chunk_seconds: inputs longer than this are encoded/decoded chunk by chunk (bounded memory).
+        pad_batches: batch items of different lengths in one padded pass (faster; codes at the
+            padded end of shorter items may differ slightly from an unpadded pass).
+        use_half: run the conv/LSTM stacks under fp16 autocast on CUDA.
+    """
+
+    card_name = "encodec_32khz"
+
+    def __init__(self, model: Any, card: dict[str, Any] | None = None, chunk_seconds: float = 20.0,
+                 pad_batches: bool = False, use_half: bool = False) -> None:
+        super().__init__()
+        cfg = model.config
+        if cfg.normalize:
+            raise CodecError("music codec: this Encodec config has normalize=true (24/48 kHz style, per-chunk "
+                             "scales); expected the facebook/encodec_32khz layout")
+        if cfg.audio_channels != 1:
+            raise CodecError(f"music codec: expected a mono Encodec (audio_channels=1), got {cfg.audio_channels}")
+        self.model = model
+        self.card = card if card is not None else named_card(self.card_name)
+        self.sample_rate = int(cfg.sampling_rate)
+        self.hop_length = int(np.prod(cfg.upsampling_ratios))
+        self.frame_rate = self.sample_rate / self.hop_length
+        self.bandwidth = float(cfg.target_bandwidths[0])
+        self.num_codebooks = int(model.quantizer.get_num_quantizers_for_bandwidth(self.bandwidth))
+        self.codebook_size = int(cfg.codebook_size)
+        # Chunks hold a whole number of frames so per-chunk frame counts add up to ceil(L / hop).
+        self.chunk_samples = max(1, int(chunk_seconds * self.frame_rate)) * self.hop_length
+        self.pad_batches = pad_batches
+        self.use_half = use_half
+        self.eval()
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @staticmethod
+    def _build(config: dict[str, Any]) -> Any:
+        from transformers import EncodecConfig, EncodecModel
+
+        with quiet_transformers():
+            return EncodecModel(EncodecConfig(**config))
+
+    @classmethod
+    def tiny(cls, *, seed: int | None = 0, **kwargs: Any) -> "EncodecMusicCodec":
+        """Small random Encodec (same EncodecConfig family): 32 kHz, 50 Hz, 4 x 2048 codes."""
+        overrides = kwargs.pop("config", {}) or {}
+        device = kwargs.pop("device", None)
+        return cls._tiny_from(lambda: cls(cls._build({**TINY_CONFIG, **overrides}), **kwargs), seed, device)
+
+    @classmethod
+    def official(cls, **kwargs: Any) -> "EncodecMusicCodec":
+        """The facebook/encodec_32khz architecture (56.9 M parameters), randomly initialised."""
+        device = kwargs.pop("device", None)
+        codec = cls(cls._build(dict(OFFICIAL_CONFIG)), **kwargs)
+        return codec.to(device) if device is not None else codec
+
+    @classmethod
+    def from_dir(cls, directory: Path | str, card: dict[str, Any] | None = None, **kwargs: Any) -> "EncodecMusicCodec":
+        """Load a local Hugging Face directory (``config.json`` + ``model.safetensors``/``pytorch_model.bin``).
+
+        A missing or mis-shaped weight is a ``CodecError`` (``from_pretrained`` alone would only warn
+        and leave random weights in place); keys the model does not use are reported and ignored.
+        """
+        from transformers import EncodecModel
+
+        directory = Path(directory)
+        card = card or dir_card(directory) or named_card(cls.card_name)
+        files = resolve_files(card, directory)
+        device = kwargs.pop("device", None)
+        try:
+            with quiet_transformers():
+                model, info = EncodecModel.from_pretrained(str(directory), output_loading_info=True)
+        except Exception as exc:
+            raise CodecError(f"{card_label(card)}: cannot load {directory} "
+                             f"({' '.join(str(exc).split())[:300]})") from None
+        bad = {k: sorted(v)[:3] for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+        if bad:
+            raise CodecError(f"{card_label(card)}: {files['weights']} does not match the config: {bad}")
+        if info.get("unexpected_keys"):
+            from anygpt.modalities.cards import report_unused
+
+            report_unused(card, files["weights"], sorted(info["unexpected_keys"]))
+        codec = cls(model, card=card, **kwargs)
+        check_codec_matches(card, sample_rate=codec.sample_rate, frame_rate=codec.frame_rate,
+                            num_codebooks=codec.num_codebooks, codebook_size=codec.codebook_size)
+        if device is not None:
+            codec.to(device)
+        return codec
+
+    def save(self, directory: str | os.PathLike, **card_updates: Any) -> None:
+        """``save_pretrained`` (config.json + model.safetensors) + ``card.yaml``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with quiet_transformers():
+            self.model.save_pretrained(str(directory))
+        write_card(self.card, directory, **card_updates)
+
+    # ---- tensors --------------------------------------------------------------------------------
+
+    def _autocast(self):
+        enabled = self.use_half and self.device.type == "cuda"
+        return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=enabled)
+
+    def num_frames(self, num_samples: int) -> int:
+        return math.ceil(num_samples / self.hop_length)
+
+    @torch.inference_mode()
+    def embeddings(self, wav: torch.Tensor) -> torch.Tensor:
+        """Encoder output ``[B, D, T]`` for ``wav [B, 1, L]`` (chunked; what the RVQ quantises)."""
+        if wav.dim() == 2:
+            wav = wav.unsqueeze(1)
+        wav = wav.to(self.device, torch.float32)
+        outs = []
+        for start in range(0, wav.shape[-1], self.chunk_samples):
+            with self._autocast():
+                outs.append(self.model.encoder(wav[..., start: start + self.chunk_samples]).float())
+        return torch.cat(outs, dim=-1)
+
+    @torch.inference_mode()
+    def encode_tensor(self, wav: torch.Tensor) -> torch.Tensor:
+        """``wav [B, 1, L]`` at 32 kHz -> codes ``[B, 4, ceil(L/640)]``."""
+        emb = self.embeddings(wav)
+        codes = self.model.quantizer.encode(emb, self.bandwidth)  # [K, B, T], float32 distances
+        return codes.transpose(0, 1)
+
+    @torch.inference_mode()
+    def decode_tensor(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes ``[B, K, T]`` -> waveform ``[B, 1, T*640]`` (decoded chunk by chunk)."""
+        codes = codes.to(self.device, torch.long)
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise CodecError(f"music codes must lie in [0, {self.codebook_size}); got "
+                             f"[{int(codes.min())}, {int(codes.max())}]")
+        step = self.chunk_samples // self.hop_length
+        outs = []
+        for start in range(0, codes.shape[-1], step):
+            emb = self.model.quantizer.decode(codes[..., start: start + step].transpose(0, 1))
+            with self._autocast():
+                outs.append(self.model.decoder(emb).float())
+        return torch.cat(outs, dim=-1)
+
+    # ---- codec contract -------------------------------------------------------------------------
+
+    def encode(self, items: Sequence[Any]) -> list[np.ndarray]:
+        """1-D float waveforms at 32 kHz (or audio file paths) -> ``[4, T]`` int64 arrays (T = ceil(len / 640))."""
+        wavs = [coerce_audio(w, self.sample_rate, f"music item {i}") for i, w in enumerate(items)]
+        out: list[np.ndarray | None] = [None] * len(wavs)
+        for group in group_by_length([len(w) for w in wavs], self.pad_batches):
+            codes = self.encode_tensor(padded_batch(wavs, group)).cpu()
+            for row, i in enumerate(group):
+                out[i] = codes[row, :, : self.num_frames(len(wavs[i]))].numpy().astype(np.int64)
+        return out  # type: ignore[return-value]
+
+    def decode(self, codes: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """``[4, T]`` arrays -> 1-D float32 waveforms of ``T * 640`` samples at 32 kHz."""
+        arrs = []
+        for i, c in enumerate(codes):
+            a = np.asarray(c)
+            if a.ndim != 2 or a.shape[0] != self.num_codebooks:
+                raise CodecError(f"music codes item {i}: expected [{self.num_codebooks}, T], got {a.shape}")
+            arrs.append(a.astype(np.int64))
+        out: list[np.ndarray | None] = [None] * len(arrs)
+        groups: dict[tuple, list[int]] = {}
+        for i, a in enumerate(arrs):
+            groups.setdefault(a.shape, []).append(i)
+        for group in groups.values():
+            wav = self.decode_tensor(torch.from_numpy(np.stack([arrs[i] for i in group]))).cpu()
+            for row, i in enumerate(group):
+                out[i] = wav[row, 0].numpy().astype(np.float32)
+        return out  # type: ignore[return-value]
+
+    # ---- fitting hooks ----------------------------------------------------------------------------
+
+    def fit_vectors(self, items: Sequence[Any]) -> torch.Tensor:
+        """Encoder output frames ``[N, codebook_dim]`` of 32 kHz waveforms (what codebook 1 quantises)."""
+        rows = []
+        for i, item in enumerate(items):
+            wav = torch.from_numpy(coerce_audio(item, self.sample_rate, f"music item {i}"))[None, None]
+            rows.append(self.embeddings(wav)[0, :, : self.num_frames(wav.shape[-1])].t().cpu())
+        return torch.cat(rows).float()
+
+    def codebooks(self) -> list[Any]:
+        """The RVQ codebooks in use (``EncodecEuclideanCodebook``: ``embed``/``embed_avg``/... buffers)."""
+        return [layer.codebook for layer in self.model.quantizer.layers[: self.num_codebooks]]
+
+
+__all__ = ["EncodecMusicCodec", "OFFICIAL_CONFIG", "TINY_CONFIG"]
