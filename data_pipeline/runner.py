@@ -117,18 +117,16 @@ def _preflight_codecs(opts: PreprocessOptions, needed: list[str], counts: dict[s
     """Every codec directory the inputs need exists and holds its card's files (cheap: no weights read)."""
     if not opts.codecs:
         return
+    from anygpt import modalities as registry
     from anygpt.modalities.base import CodecError
+    from anygpt.modalities.cards import dir_card, resolve_files
 
     for m in needed:
         d = Path(opts.codecs) / m
         if not d.is_dir():
             raise PreprocessError(f"--codecs: {opts.codecs} has no '{m}/' codec directory, needed by {counts[m]} input(s)")
         try:
-            from anygpt.modalities.cards import load_card, resolve_files
-        except ImportError:  # pragma: no cover - card helpers absent: the worker's load will tell
-            return
-        try:
-            resolve_files(load_card(m, d), d)
+            resolve_files(dir_card(d) or registry.codec_card(m), d)
         except CodecError as e:
             raise PreprocessError(f"--codecs: {m}: {str(e).splitlines()[0] if str(e) else e}") from None
 

@@ -23,7 +23,8 @@ import numpy as np
 from anygpt.modalities.base import CodecError
 from data_pipeline.options import AUDIO_MODALITIES, PreprocessOptions
 from data_pipeline.readers import InputItem, MediaRef
-from data_pipeline.shards import ChunkWriter, atomic_write_text, code_dtype, npy_bytes, sanitize_key, sidecar_path
+from anygpt.data.schema import code_dtype, npy_bytes, sanitize_key
+from data_pipeline.shards import ChunkWriter, atomic_write_text, sidecar_path
 
 # Test hook: seconds to sleep after each batch window, so a test can kill a run mid-chunk.
 DELAY_ENV = "DATA_PIPELINE_TEST_DELAY"
