@@ -65,7 +65,7 @@ def check_accounting(out: Path, stats: dict, corpus: S.Corpus) -> None:
     assert stats["skipped_by_reason"] == corpus.skips
     assert keys_of(out) == corpus.keys
     on_disk = json.loads((out / "stats.json").read_text())
-    for k in ("inputs", "written", "skipped", "skipped_by_reason", "tokens", "audio_hours", "images"):
+    for k in ("inputs", "written", "skipped", "skipped_by_reason", "tokens", "audio_hours", "media"):
         assert on_disk[k] == stats[k], k
     assert on_disk["complete"] is True
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
@@ -107,7 +107,7 @@ def test_manifest_reader_accounting_and_schema(tmp_path, codecs, fmt):
     assert stats["tokens"]["speech"] == 2 * 30  # the LM sees layer 1 only
     assert stats["codes"]["speech"] == 8 * 2 * 30
     assert stats["tokens"]["music"] == 4 * 25 and stats["tokens"]["image"] == 2 * 32
-    assert stats["images"] == 2 and stats["audio_hours"]["speech"] == pytest.approx(1.2 / 3600, rel=1e-3)
+    assert stats["media"] == {"image": 2, "music": 1, "speech": 2} and stats["audio_hours"]["speech"] == pytest.approx(1.2 / 3600, rel=1e-3)
     # Stored compactly (int16), read back as int64 by iter_samples.
     raw = next(iter_samples(out, decode=False))
     assert np.load(io.BytesIO(raw["speech.npy"])).dtype == np.int16
@@ -224,7 +224,7 @@ class _Faulty:
     """Wraps a codec: out-of-range codes for one input, an exception for another."""
 
     def __init__(self, inner):
-        self.inner = inner
+        self.inner, self.card = inner, inner.card
         self.sample_rate, self.frame_rate = inner.sample_rate, inner.frame_rate
         self.num_codebooks, self.codebook_size = inner.num_codebooks, inner.codebook_size
 
