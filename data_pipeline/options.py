@@ -246,6 +246,9 @@ class PreprocessOptions:
             raise PreprocessError(f"--out: {self.out} exists and is not a directory")
         if self.codecs and self.tiny:
             raise PreprocessError("--codecs and --tiny are exclusive")
+        if self.codec_names and not self.tiny:
+            raise PreprocessError("--codec: only with --tiny (a codecs directory's card.yaml says which codec it holds)")
+        self.codec_choice()
         if self.needs_codecs() and not self.codecs and not self.tiny:
             raise PreprocessError(f"source {self.source!r} encodes media: give --codecs DIR or --tiny")
         if self.codecs and not Path(self.codecs).is_dir():
@@ -261,9 +264,6 @@ class PreprocessOptions:
         if self.modality is not None and self.modality not in known:
             raise PreprocessError(f"--modality: {self.modality!r} is not a registered modality "
                                   f"(known: {', '.join(known)})")
-        if self.codec_names and not self.tiny:
-            raise PreprocessError("--codec: only with --tiny (a codecs directory's card.yaml says which codec it holds)")
-        self.codec_choice()
         if not re.fullmatch(r"[A-Za-z0-9_]+", self.prefix or ""):
             raise PreprocessError(f"--prefix: {self.prefix!r} must match [A-Za-z0-9_]+ (no '-' or '.')")
         if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
@@ -278,10 +278,10 @@ class PreprocessOptions:
                 v = getattr(obj, name, None)
                 if v is not None and v <= 0:
                     raise PreprocessError(f"{scope}.{name}: must be > 0, got {v}")
-        for m in known:
-            lim = f.limits(m)
+        for scope, m in (("filters", None), *((f"filters.per_modality.{m}", m) for m in f.per_modality)):
+            lim = f.limits(m) if m else Limits(f.min_seconds, f.max_seconds)
             if lim.min_seconds is not None and lim.max_seconds is not None and lim.min_seconds > lim.max_seconds:
-                raise PreprocessError(f"filters: {m} min_seconds {lim.min_seconds} > max_seconds {lim.max_seconds}")
+                raise PreprocessError(f"{scope}: min_seconds {lim.min_seconds} > max_seconds {lim.max_seconds}")
         if f.min_text_chars < 0:
             raise PreprocessError(f"filters.min_text_chars: must be >= 0, got {f.min_text_chars}")
         if f.max_text_chars is not None and f.max_text_chars < max(1, f.min_text_chars):

@@ -126,6 +126,33 @@ def test_webdataset_reads_shards(tmp_path, codecs):
     assert got[0]["speech.npy"].shape == (8, 30) and got[0]["json"]["text"] == "spoken words 0"
 
 
+def test_shards_open_with_a_header_counting_their_samples(tmp_path, codecs):
+    """Every shard's first member is ``__shard__`` declaring exactly the samples written into it (skipped
+    inputs leave none), also for spill-over parts; WebDataset still reads the shards."""
+    import tarfile
+
+    import webdataset as wds
+
+    from anygpt.data.schema import HEADER_MEMBER, read_header
+
+    corpus = S.manifest_corpus(tmp_path / "c")  # broken inputs: chunks hold fewer samples than inputs
+    out = tmp_path / "out"
+    stats = run_preprocess(make_opts(corpus, out, shard_size=4, shard_bytes=2048), codecs=codecs)
+    total = 0
+    for part in stats["shards"]:
+        with tarfile.open(out / part["name"]) as tf:
+            members = tf.getmembers()
+            assert members[0].name == HEADER_MEMBER, part
+            declared = read_header(tf.extractfile(members[0]).read(), part["name"])
+        keys = {m.name.split(".")[0] for m in members[1:]}
+        assert declared == part["samples"] == len(keys), part
+        total += declared
+    assert total == stats["written"] == len(corpus.keys)
+    assert any(p["name"].endswith("-1.tar") for p in stats["shards"])  # a spill-over part has its own header
+    urls = [str(p) for p in list_shards(out)]
+    assert [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)] == corpus.keys
+
+
 def test_librispeech_layout(tmp_path, codecs):
     corpus = S.librispeech_corpus(tmp_path / "LibriSpeech")
     out = tmp_path / "out"

@@ -117,7 +117,7 @@ RECIPE_CHECKS = {"gigaspeech": _gigaspeech, "musiccaps": _musiccaps, "journeydb"
     ("name: x\nsource: manifest\nfilters: {per_modality: {speech: {max_seconds: -1}}}\n",
      "filters.per_modality.speech.max_seconds: must be > 0"),
     ("name: x\nsource: manifest\nfilters: {per_modality: {music: {min_seconds: 9, max_seconds: 3}}}\n",
-     "music min_seconds 9.0 > max_seconds 3.0"),
+     "filters.per_modality.music: min_seconds 9.0 > max_seconds 3.0"),
     ("name: x\nsource: manifest\nfilters: {per_modality: {sensor: {max_seconds: 3}}}\n",
      "filters.per_modality.sensor: not a registered modality (known: image, speech, music)"),
     ("name: x\nsource: manifest\nfilters: {speech: {max_seconds: 3}}\n",
