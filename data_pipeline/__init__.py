@@ -1,8 +1,9 @@
 """Offline preprocessing: raw corpora -> codec codes -> sharded WebDataset tars (resumable, parallel).
 
 ``anygpt preprocess`` / ``python launch/preprocess.py`` read a corpus with one of six readers
-(:mod:`data_pipeline.readers`), encode every media item with the modality codecs, and write WebDataset
-shards plus accounting.  Everything downstream (``anygpt.data``) depends only on the layout below.
+(:mod:`data_pipeline.readers`), read every media item through its modality plugin and encode it with
+the run's codec (:mod:`anygpt.modalities`), and write WebDataset shards plus accounting.  Everything
+downstream (``anygpt.data``) depends only on the shard schema (:mod:`anygpt.data.schema`).
 
 Output directory (``OUT``)
 --------------------------
@@ -24,9 +25,9 @@ Output directory (``OUT``)
     point and rerun yields exactly the samples of an uninterrupted run.
 ``stats.json``
     Aggregated over all sidecars: ``inputs``, ``written``, ``skipped``, ``skipped_by_reason``,
-    ``tokens`` (LM tokens per modality: speech = frames of layer 1, music = 4 per frame, image = 32
-    per image), ``codes`` (stored codes per modality), ``audio_hours`` (per audio modality),
-    ``images``, ``media`` (items per modality), ``bytes``, ``shards`` (list of
+    ``tokens`` (LM tokens per modality: frames times the ``lm_codebooks`` of the run's codec card),
+    ``codes`` (stored codes per modality), ``audio_hours`` (per modality whose items have a
+    duration), ``media`` (items per modality), ``bytes``, ``shards`` (list of
     ``{"name", "samples", "bytes"}``), ``chunks_total``, ``chunks_done``, ``complete``.
     ``inputs == written + skipped`` always.
 ``errors.jsonl``
@@ -37,38 +38,17 @@ Output directory (``OUT``)
     ``image_too_small``, ``bad_aspect_ratio``, ``encode_error``, ``codes_out_of_range``,
     ``bad_code_shape``, ``duplicate_id``.
 ``run.json``
-    The settings that determine the output (source, input, shard size, filters, codecs, ...); a rerun
-    with different settings into the same ``OUT`` is refused before any work.
+    The settings that determine the output (source, input, shard size, filters, codecs and the codec
+    name of every modality, ...); a rerun with different settings (another ``--codec``) into the
+    same ``OUT`` is refused before any work.
 
-Sample schema (``json["format"] == 1``)
----------------------------------------
-``__key__``
-    The input's id with every character outside ``[A-Za-z0-9_-]`` replaced by ``_`` (WebDataset cuts
-    keys at the first dot); unique within a shard (a repeated id inside one chunk is skipped as
-    ``duplicate_id``).  The original id is ``json["id"]``.
-``json`` (UTF-8 object)
-    ``format``: 1; ``id``: original id; ``kind``: ``"pair"`` or ``"conversation"``; ``source``: the
-    reader (``manifest``, ``librispeech``, ``commonvoice``, ``wds-pairs``, ``anygpt-jsonl``,
-    ``conversations``); ``corpus``: recipe name or ``null``;
-    ``media``: ``{npy_key: {"modality", "num_codebooks", "codebook_size", "frames", "frame_rate",
-    "seconds", "sample_rate", "truncated", "origin"}}`` (audio-only fields are ``null`` for images;
-    ``origin`` is the source path or ``tar:member``, ``null`` for token-string inputs);
-    ``durations``: ``{npy_key: seconds}`` for audio items; ``meta``: reader/corpus specific values
-    (speaker, chapter, url, width/height, up_votes, ...).
-
-    Pairs add ``text`` (the caption / transcript) and ``modality`` (``speech`` | ``image`` | ``music``).
-    Conversations add ``conversation``: ``[{"role": "user"|"assistant", "content": [part, ...]}]``
-    with parts ``{"text": str}``, ``{"marker": "<-Ins->"|"<-Res->"}`` or ``{"speech"|"image"|"music":
-    npy_key}``, and ``system`` (string or ``null``).
-``.npy`` files, one per media item
-    Pairs: ``speech.npy`` / ``image.npy`` / ``music.npy``.  Conversations: ``m{i}.{modality}.npy`` with
-    ``i`` the 0-based index of the media item in order of appearance over the whole conversation
-    (``m0.speech.npy``, ``m1.image.npy``, ...).  Each holds integer codes **with the codebook axis**,
-    ``[K, T]``: speech K = 8 RVQ layers (all kept; the LM uses layer 1, the acoustic decoder 2-8),
-    music K = 4, image K = 1 with T = 32.  Token-string inputs (``anygpt-jsonl``) only carry what the
-    LM saw: speech K = 1.  ``json["media"][key]["num_codebooks"]`` always says K.  The dtype is the
-    smallest that fits the codebook (``int16`` for every codec here): cast with ``.astype(np.int64)``
-    before arithmetic; :func:`data_pipeline.shards.iter_samples` already does.
+Samples
+-------
+What a shard and each sample hold (the ``__shard__`` header with the sample count, ``__key__``,
+the ``json`` object, one ``.npy`` member of ``[K, T]`` codes per media item) is owned by
+:mod:`anygpt.data.schema`; the workers build every sample with its ``encode_sample``, and the
+media entries record the run's codec (card name) for each item.  Keys are unique within a shard:
+an id repeated inside one chunk is skipped as ``duplicate_id``.
 
 Public API
 ----------

@@ -10,6 +10,7 @@ import dataclasses
 import sys
 from typing import Optional
 
+from anygpt import modalities as registry
 from data_pipeline.options import SOURCES, PreprocessOptions
 
 
@@ -25,8 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", help="manifest/JSONL file, corpus directory, or tar/directory of tars")
     p.add_argument("--out", help="output directory for shards, stats.json and errors.jsonl")
     codec = p.add_mutually_exclusive_group()
-    codec.add_argument("--codecs", metavar="DIR", help="codec directory with speech/, music/, image/ subdirectories")
+    codec.add_argument("--codecs", metavar="DIR", help="codecs directory with one <modality>/ subdirectory per codec")
     codec.add_argument("--tiny", action="store_true", help="use the tiny random codecs (tests, demo)")
+    p.add_argument("--codec", dest="codec_names", action="append", default=None, metavar="NAME",
+                   help="with --tiny: use codec NAME for the modality whose codec cards include it "
+                        "(repeatable; default: each modality's default codec)")
     p.add_argument("--recipe", help="shipped recipe name (see --list-recipes) or a recipe YAML file")
     p.add_argument("--list-recipes", action="store_true", help="print the shipped recipes and exit")
     p.add_argument("--workers", type=_positive_int, default=None,
@@ -41,8 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default=None, help="shard name prefix (default: the recipe name, else 'shard')")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="media items per codec call (default 16)")
     p.add_argument("--device", default=None, help="auto (one GPU per worker if any) | cpu | cuda | cuda:N")
-    p.add_argument("--modality", choices=("speech", "image", "music"), default=None,
-                   help="media modality when the reader cannot tell (audio tars, manifest media field)")
+    p.add_argument("--modality", default=None,
+                   help="media modality when the reader cannot tell (audio tars, manifest media field); "
+                        f"a registered one: {', '.join(registry.names())}")
     p.add_argument("--limit", type=int, default=None, help="only the first N inputs (a trial run)")
     p.add_argument("--overwrite", action="store_true", help="delete a previous run's outputs in --out first")
     prog = p.add_mutually_exclusive_group()
@@ -84,6 +89,8 @@ def options_from_args(args: argparse.Namespace) -> PreprocessOptions:
     opts = dataclasses.replace(opts, **{k: v for k, v in simple.items() if v is not None})
     if args.tiny:
         opts.tiny = True
+    if args.codec_names:
+        opts.codec_names = list(args.codec_names)
     if args.overwrite:
         opts.overwrite = True
     flt = {"min_seconds": args.min_seconds, "max_seconds": args.max_seconds, "clip_seconds": args.clip_seconds,
@@ -119,7 +126,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Stand-alone entry (``python launch/preprocess.py``): same flags and exit codes as ``anygpt preprocess``."""
-    p = argparse.ArgumentParser(prog="preprocess", description="Encode a raw corpus into WebDataset token shards.")
+    p = argparse.ArgumentParser(prog="preprocess", description="Encode a raw corpus into WebDataset token shards.",
+                                allow_abbrev=False)  # a shortened flag (--code) must not pick one
     add_arguments(p)
     args = p.parse_args(argv)
     try:

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from anygpt.config import ConfigError
+from anygpt import modalities as registry
+from anygpt.config import ConfigError, to_dict
+from anygpt.modalities.plugin import CodecError
 
 SOURCES = ("manifest", "librispeech", "commonvoice", "wds-pairs", "anygpt-jsonl", "conversations")
-MODALITIES = ("speech", "image", "music")
-AUDIO_MODALITIES = ("speech", "music")
 Source = Literal["manifest", "librispeech", "commonvoice", "wds-pairs", "anygpt-jsonl", "conversations"]
 
 
@@ -31,7 +31,7 @@ class PreprocessError(ConfigError):
 
 @dataclass
 class Limits:
-    """Duration limits for one audio modality (override the global ones in :class:`Filters`)."""
+    """Duration limits for one modality (override the global ones in :class:`Filters`)."""
 
     min_seconds: Optional[float] = None
     max_seconds: Optional[float] = None
@@ -53,7 +53,8 @@ class Filters:
         min_seconds / max_seconds: audio whose *original* duration lies outside is skipped
             (``too_short`` / ``too_long``).
         clip_seconds: longer audio is truncated to this many seconds (``json.media[k].truncated``).
-        speech / music: per-modality overrides of the three duration settings.
+        per_modality: overrides of the three duration settings by modality name (any registered
+            modality whose items have a duration), e.g. ``{speech: {max_seconds: 40}}``.
         min_image_side: images whose shorter side is smaller are skipped (``image_too_small``).
         max_aspect_ratio: images with long/short side above this are skipped (``bad_aspect_ratio``).
         min_meta / max_meta: numeric bounds on ``meta`` fields (e.g. ``aesthetic: 5.0``,
@@ -66,17 +67,16 @@ class Filters:
     min_seconds: Optional[float] = None
     max_seconds: Optional[float] = None
     clip_seconds: Optional[float] = None
-    speech: Optional[Limits] = None
-    music: Optional[Limits] = None
+    per_modality: dict[str, Limits] = field(default_factory=dict)
     min_image_side: Optional[int] = None
     max_aspect_ratio: Optional[float] = None
     min_meta: dict[str, float] = field(default_factory=dict)
     max_meta: dict[str, float] = field(default_factory=dict)
 
     def limits(self, modality: str) -> Limits:
-        """Effective duration limits of an audio modality (override, else the global ones)."""
+        """Effective duration limits of a modality (its override, else the global ones)."""
         base = Limits(self.min_seconds, self.max_seconds, self.clip_seconds)
-        over = getattr(self, modality, None) if modality in AUDIO_MODALITIES else None
+        over = self.per_modality.get(modality)
         if over is None:
             return base
         return Limits(*(getattr(over, f.name) if getattr(over, f.name) is not None else getattr(base, f.name)
@@ -133,29 +133,31 @@ class ReaderOptions:
         media_root: directory media paths are relative to (default: the manifest's directory).
         split: Common Voice TSV to read (``validated``, ``train``, ``dev``, ``test``...).
         audio_ext: audio suffixes tried for LibriSpeech/MLS utterances, in order.
-        image_ext / audio_member_ext: member suffixes recognised as media in ``wds-pairs`` tars.
         conversation_key: record field holding the turns (``conversations``/``anygpt-jsonl``);
             default: first of ``conversation``, ``conversations``, ``chat``, ``messages``.
+
+    Which ``wds-pairs`` members are media is not a setting: a member is media of the modality whose
+    plugin claims its suffix (:attr:`anygpt.modalities.plugin.Modality.suffixes`).
     """
 
     format: Literal["auto", "jsonl", "csv", "tsv"] = "auto"
     media_root: Optional[str] = None
     split: str = "validated"
     audio_ext: list[str] = field(default_factory=lambda: [".flac", ".wav", ".opus", ".mp3", ".ogg"])
-    image_ext: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp"])
-    audio_member_ext: list[str] = field(default_factory=lambda: ["flac", "wav", "mp3", "ogg", "opus"])
     conversation_key: Optional[str] = None
 
 
 @dataclass
 class PreprocessOptions:
-    """One preprocessing run (one rank).  ``codecs=None`` with ``tiny=True`` uses the tiny codecs."""
+    """One preprocessing run (one rank).  ``codecs=None`` with ``tiny=True`` uses the tiny codecs;
+    ``codec_names`` (``--codec NAME``, with ``tiny`` only) picks a non-default codec of a modality."""
 
     source: Optional[str] = None
     input: Optional[str] = None
     out: Optional[str] = None
     codecs: Optional[str] = None
     tiny: bool = False
+    codec_names: list[str] = field(default_factory=list)
     workers: int = 1
     shard_size: int = 1000
     shard_bytes: Optional[int] = None
@@ -199,6 +201,35 @@ class PreprocessOptions:
     def needs_codecs(self) -> bool:
         return self.source != "anygpt-jsonl"
 
+    def codec_choice(self) -> dict[str, str]:
+        """``--codec`` names -> ``{modality: codec name}`` (the modality whose cards include the name)."""
+        chosen: dict[str, str] = {}
+        for name in self.codec_names:
+            owners = [m for m in registry.names() if name in registry.codec_names(m)]
+            if not owners:
+                known = sorted({c for m in registry.names() for c in registry.codec_names(m)})
+                raise PreprocessError(f"--codec: no registered modality has a codec named {name!r} "
+                                      f"(known: {', '.join(known)})")
+            m = owners[0]
+            if chosen.get(m, name) != name:
+                raise PreprocessError(f"--codec: {chosen[m]} and {name} are both {m} codecs; give one per modality")
+            chosen[m] = name
+        return chosen
+
+    def run_cards(self) -> dict[str, dict[str, Any]]:
+        """The card of each registered modality's codec in this run (no weights read).
+
+        A codecs directory's own cards (``DIR/<modality>/card.yaml``), else the ``--codec`` choice,
+        else the modality's default card.  They fix the code checks, the layout that token strings
+        are parsed with, the LM-token accounting and the codec names recorded in the shards.
+        """
+        try:
+            found = registry.directory_cards(self.codecs) if self.codecs else {}
+            chosen = self.codec_choice()
+            return {m: found.get(m) or registry.codec_card(m, chosen.get(m)) for m in registry.names()}
+        except CodecError as e:
+            raise PreprocessError(f"--codecs: {str(e).splitlines()[0] if str(e) else e}") from None
+
     def validate(self) -> None:
         """Raise :class:`PreprocessError` on the first bad setting; touches no output."""
         if self.source is None:
@@ -215,6 +246,9 @@ class PreprocessOptions:
             raise PreprocessError(f"--out: {self.out} exists and is not a directory")
         if self.codecs and self.tiny:
             raise PreprocessError("--codecs and --tiny are exclusive")
+        if self.codec_names and not self.tiny:
+            raise PreprocessError("--codec: only with --tiny (a codecs directory's card.yaml says which codec it holds)")
+        self.codec_choice()
         if self.needs_codecs() and not self.codecs and not self.tiny:
             raise PreprocessError(f"source {self.source!r} encodes media: give --codecs DIR or --tiny")
         if self.codecs and not Path(self.codecs).is_dir():
@@ -226,22 +260,28 @@ class PreprocessOptions:
             raise PreprocessError(f"--shard-bytes: must be >= 1024, got {self.shard_bytes}")
         if self.limit is not None and self.limit < 0:
             raise PreprocessError(f"--limit: must be >= 0, got {self.limit}")
-        if self.modality is not None and self.modality not in MODALITIES:
-            raise PreprocessError(f"--modality: {self.modality!r} is not one of {', '.join(MODALITIES)}")
+        known = registry.names()
+        if self.modality is not None and self.modality not in known:
+            raise PreprocessError(f"--modality: {self.modality!r} is not a registered modality "
+                                  f"(known: {', '.join(known)})")
         if not re.fullmatch(r"[A-Za-z0-9_]+", self.prefix or ""):
             raise PreprocessError(f"--prefix: {self.prefix!r} must match [A-Za-z0-9_]+ (no '-' or '.')")
         if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             raise PreprocessError(f"--device: {self.device!r} is not auto, cpu, cuda or cuda:N")
         f = self.filters
+        for m in f.per_modality:
+            if m not in known:
+                raise PreprocessError(f"filters.per_modality.{m}: not a registered modality (known: {', '.join(known)})")
+        scopes = [("filters", f), *((f"filters.per_modality.{m}", lim) for m, lim in f.per_modality.items())]
         for name in ("min_seconds", "max_seconds", "clip_seconds", "max_aspect_ratio"):
-            for scope, obj in (("filters", f), ("filters.speech", f.speech), ("filters.music", f.music)):
-                v = getattr(obj, name, None) if obj is not None else None
+            for scope, obj in scopes:
+                v = getattr(obj, name, None)
                 if v is not None and v <= 0:
                     raise PreprocessError(f"{scope}.{name}: must be > 0, got {v}")
-        for m in AUDIO_MODALITIES:
-            lim = f.limits(m)
+        for scope, m in (("filters", None), *((f"filters.per_modality.{m}", m) for m in f.per_modality)):
+            lim = f.limits(m) if m else Limits(f.min_seconds, f.max_seconds)
             if lim.min_seconds is not None and lim.max_seconds is not None and lim.min_seconds > lim.max_seconds:
-                raise PreprocessError(f"filters: {m} min_seconds {lim.min_seconds} > max_seconds {lim.max_seconds}")
+                raise PreprocessError(f"{scope}: min_seconds {lim.min_seconds} > max_seconds {lim.max_seconds}")
         if f.min_text_chars < 0:
             raise PreprocessError(f"filters.min_text_chars: must be >= 0, got {f.min_text_chars}")
         if f.max_text_chars is not None and f.max_text_chars < max(1, f.min_text_chars):
@@ -267,15 +307,15 @@ class PreprocessOptions:
         """Settings that determine the output; a rerun into the same OUT must match them.
 
         Workers, rank, world size, device and progress are deliberately absent: they change who
-        writes which shard, never what a shard holds.
+        writes which shard, never what a shard holds.  ``codec_names`` are the run's codecs by
+        modality, so a rerun with another codec (``--codec``) is refused.
         """
-        from anygpt.config import to_dict
-
         return {
             "format": 1,
             "source": self.source,
             "input": str(Path(self.input).resolve()) if self.input else None,
             "codecs": "tiny" if self.tiny else (str(Path(self.codecs).resolve()) if self.codecs else None),
+            "codec_names": {m: card["name"] for m, card in self.run_cards().items()},
             "shard_size": self.shard_size,
             "shard_bytes": self.shard_bytes,
             "prefix": self.prefix,

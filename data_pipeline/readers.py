@@ -15,15 +15,19 @@ workers.  Two properties matter for everything downstream:
 Readers (``--source``):
 
 ``manifest``       JSONL/JSON/CSV/TSV rows: ``id``, ``text`` and one media column named by
-                   modality (``speech``/``image``/``music``), paths relative to the manifest.
+                   modality (any registered one), paths relative to the manifest.
 ``librispeech``    LibriSpeech (``*.trans.txt`` + ``*.flac`` beside it) and MLS
                    (``transcripts.txt`` + ``audio/<spk>/<book>/<id>.flac``) folder layouts.
 ``commonvoice``    Common Voice ``<split>.tsv`` (``path``, ``sentence``, votes, ...) + ``clips/``.
 ``wds-pairs``      Raw WebDataset tars as img2dataset writes them: ``KEY.jpg`` + ``KEY.txt`` and/or
-                   ``KEY.json`` (caption and url, size, scores); audio members work too.
+                   ``KEY.json`` (caption and url, size, scores); any member whose suffix a
+                   modality plugin claims (audio, ...) works too.
 ``anygpt-jsonl``   AnyGPT token strings: pairs ``{"text", "image": "<soim><👀1>...<eoim>"}`` and
                    ``{"conversation": [...]}`` SFT records (parsed in the workers; no codec needed).
-``conversations``  ``{"id", "conversation": [{"role", "content": [{"text"} | {"image": path} ...]}]}``.
+``conversations``  ``{"id", "conversation": [{"role", "content": [{"text"} | {<modality>: path} ...]}]}``.
+
+Modality names (media columns, conversation part keys, per-turn keys) and media suffixes come from
+the modality registry (:mod:`anygpt.modalities`), so a plugin's modality is read like a built-in one.
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from data_pipeline.options import MODALITIES, PreprocessError, PreprocessOptions
+from anygpt import modalities as registry
+from data_pipeline.options import PreprocessError, PreprocessOptions
 
 _MARKERS = re.compile(r"(<-Ins->|<-Res->)")
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "anygpt": "assistant",
@@ -242,7 +247,7 @@ class ManifestReader(Reader):
                 elif f.media:
                     rel = _str(get_field(row, f.media))
                 else:
-                    for m in MODALITIES:
+                    for m in registry.names():
                         if _str(get_field(row, m)).strip():
                             rel, modality = _str(get_field(row, m)), modality or m
                             break
@@ -255,7 +260,8 @@ class ManifestReader(Reader):
                 yield item
                 continue
             if modality is None:
-                item.error = ("bad_record", "cannot tell the modality (set --modality or name the column speech/image/music)")
+                item.error = ("bad_record", "cannot tell the modality (set --modality or name the column "
+                                            f"{'/'.join(registry.names())})")
                 yield item
                 continue
             ref = MediaRef(modality, str(self.root / rel.strip()))
@@ -391,18 +397,29 @@ def _wds_split(name: str) -> tuple[str, str]:
 
 
 class WdsPairsReader(Reader):
-    """img2dataset-style tars: ``KEY.jpg`` + ``KEY.txt`` / ``KEY.json`` (or audio members)."""
+    """img2dataset-style tars: ``KEY.jpg`` + ``KEY.txt`` / ``KEY.json`` (or other media members).
+
+    A member is media of the modality whose plugin ``suffixes`` claim its extension; when several
+    claim it (speech and music both read ``.wav``), ``--modality`` picks, else the first in registry
+    order.  A sample with several media members uses one of ``--modality`` if any, else the first
+    modality in registry order.
+    """
 
     name = "wds-pairs"
     MAX_TEXT_MEMBER = 1 << 20
+    TEXT_EXT = ("txt", "json")
 
     def __init__(self, opts: PreprocessOptions):
         super().__init__(opts)
         self.tars = self._files((".tar",))
         self.text_fields = opts.fields.text_fields(["txt", "json.caption"])
-        self.image_ext = {e.lower().lstrip(".") for e in opts.reader.image_ext}
-        self.audio_ext = {e.lower().lstrip(".") for e in opts.reader.audio_member_ext}
-        self.audio_modality = opts.modality if opts.modality in ("speech", "music") else "speech"
+        self.order = {m: i for i, m in enumerate(registry.names())}
+        self.modality_of_ext: dict[str, str] = {}
+        for name, plugin in registry.registered().items():
+            for suffix in plugin.suffixes:
+                ext = suffix.lower().lstrip(".")
+                if ext not in self.TEXT_EXT and (ext not in self.modality_of_ext or name == opts.modality):
+                    self.modality_of_ext[ext] = name
         default_meta = ["url", "width", "height", "original_width", "original_height"]
         self.json_meta = list(dict.fromkeys([*(self.opts.fields.meta or default_meta), *self.meta_fields]))
 
@@ -454,7 +471,7 @@ class WdsPairsReader(Reader):
         record: dict = {}
         problems = []
         for ext, m in by_ext.items():
-            if ext in ("txt", "json"):
+            if ext in self.TEXT_EXT:
                 data = self._read_small(tf, m)
                 if data is None:
                     problems.append(f"{m.name}: unreadable or too large")
@@ -485,18 +502,14 @@ class WdsPairsReader(Reader):
             if v is not None:
                 meta[k] = _num(v)
         item = InputItem(sid, "pair", origin, text=text, meta=meta)
-        media = next(((e, m) for e, m in by_ext.items() if e in self.image_ext), None)
-        modality = "image"
-        if media is None:
-            media = next(((e, m) for e, m in by_ext.items() if e in self.audio_ext), None)
-            modality = self.audio_modality
-        if media is None:
+        media = [(self.modality_of_ext[e], m) for e, m in by_ext.items() if e in self.modality_of_ext]
+        if not media:
             item.error = ("no_media", f"no media member for key {key} (has {', '.join(sorted(by_ext))})")
             return item
         if not text and problems:
             item.error = ("bad_record", "; ".join(problems))
             return item
-        ext, m = media
+        modality, m = min(media, key=lambda mm: (mm[0] != self.opts.modality, self.order[mm[0]]))
         item.modality = modality
         item.media = [MediaRef(modality, str(tpath), member=m.name, offset=m.offset_data, size=m.size)]
         return item
@@ -559,9 +572,9 @@ class ConversationsReader(_JsonlRecords):
     """Multimodal conversations whose turns refer to media files (AnyInstruct-style).
 
     A turn is ``{"role", "content"}`` where content is a string or a list of parts
-    (``{"text": s}``, ``{"speech"|"image"|"music": path}``, or ``{"type": "image", "image": path}``);
-    ``message``/``text`` strings and per-turn ``speech``/``image``/``music`` keys (a path or a list)
-    are accepted too.  A ``system`` turn or record field becomes the system prompt.
+    (``{"text": s}``, ``{<modality>: path}``, or ``{"type": <modality>, <modality> | "path": path}``
+    for any registered modality); ``message``/``text`` strings and per-turn ``<modality>`` keys (a
+    path or a list) are accepted too.  A ``system`` turn or record field becomes the system prompt.
     """
 
     name = "conversations"
@@ -597,6 +610,7 @@ class ConversationsReader(_JsonlRecords):
         return parts
 
     def _parse(self, rec: dict, item: InputItem, root: Path) -> None:
+        known = registry.names()
         key = self._conversation_key(rec)
         turns_in = rec.get(key) if key else None
         if not isinstance(turns_in, list) or not turns_in:
@@ -627,8 +641,8 @@ class ConversationsReader(_JsonlRecords):
                     if not isinstance(p, dict):
                         raise _BadRecord(f"turn {k}: content part {p!r} is not an object")
                     typ = p.get("type")
-                    mods = [m for m in MODALITIES if m in p]
-                    if typ in MODALITIES:
+                    mods = [m for m in known if m in p]
+                    if typ in known:
                         parts += self._media(item, root, typ, p.get(typ, p.get("path")))
                     elif mods:
                         parts += self._media(item, root, mods[0], p[mods[0]])
@@ -640,7 +654,7 @@ class ConversationsReader(_JsonlRecords):
                         raise _BadRecord(f"turn {k}: content part has no text or media ({sorted(p)})")
             elif content is not None:
                 raise _BadRecord(f"turn {k}: content is neither text nor a list")
-            for m in MODALITIES:  # per-turn media keys (AnyInstruct metadata style)
+            for m in known:  # per-turn media keys (AnyInstruct metadata style)
                 if m in t:
                     parts += self._media(item, root, m, t[m])
             if not parts:

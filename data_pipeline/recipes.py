@@ -14,6 +14,7 @@ from typing import Optional, Union
 
 import yaml
 
+from anygpt import modalities as registry
 from anygpt.config import ConfigError, from_dict
 from data_pipeline.options import Fields, Filters, PreprocessError, PreprocessOptions, ReaderOptions, Source, TextOptions
 
@@ -29,7 +30,8 @@ class Recipe:
         source: the reader (``manifest``, ``librispeech``, ``commonvoice``, ``wds-pairs``,
             ``anygpt-jsonl``, ``conversations``).
         expects: the local layout ``--input`` must point at (documentation, shown by ``--list-recipes``).
-        modality: media modality when the reader cannot tell (audio tars, manifest columns).
+        modality: media modality when the reader cannot tell (audio tars, manifest columns); a
+            registered one (:mod:`anygpt.modalities`), checked when the recipe is loaded.
         fields / filters / text / reader: see :mod:`data_pipeline.options`.
     """
 
@@ -75,6 +77,10 @@ def load_recipe(name_or_path: Union[str, Path]) -> Recipe:
         raise PreprocessError(f"{path}: not valid YAML ({first})") from None
     if not isinstance(data, dict):
         raise PreprocessError(f"{path}: a recipe is a mapping of settings, got {type(data).__name__}")
+    moved = [k for k in data.get("filters") or {} if k in registry.names()]
+    if moved:  # recipes written before the registry had filters.speech / filters.music
+        raise PreprocessError(f"{path}: filters.{moved[0]}: per-modality limits go under "
+                              f"filters.per_modality.{moved[0]}")
     try:
         recipe = from_dict(Recipe, data)
     except ConfigError as e:

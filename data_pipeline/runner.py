@@ -28,6 +28,9 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from anygpt import modalities as registry
+from anygpt.modalities.cards import resolve_files
+from anygpt.modalities.plugin import CodecError
 from data_pipeline.options import PreprocessError, PreprocessOptions
 from data_pipeline.readers import InputItem, build_reader
 from data_pipeline.shards import CHUNK_DIR, atomic_write_text, read_sidecar, remove_chunk_files
@@ -117,16 +120,14 @@ def _preflight_codecs(opts: PreprocessOptions, needed: list[str], counts: dict[s
     """Every codec directory the inputs need exists and holds its card's files (cheap: no weights read)."""
     if not opts.codecs:
         return
-    from anygpt import modalities as registry
-    from anygpt.modalities.base import CodecError
-    from anygpt.modalities.cards import dir_card, resolve_files
-
+    cards = opts.run_cards()
     for m in needed:
-        d = Path(opts.codecs) / m
-        if not d.is_dir():
-            raise PreprocessError(f"--codecs: {opts.codecs} has no '{m}/' codec directory, needed by {counts[m]} input(s)")
         try:
-            resolve_files(dir_card(d) or registry.codec_card(m), d)
+            d = registry.codec_dir(opts.codecs, m)
+        except CodecError:
+            raise PreprocessError(f"--codecs: {opts.codecs} has no '{m}/' codec directory, needed by {counts[m]} input(s)") from None
+        try:
+            resolve_files(cards[m], d)
         except CodecError as e:
             raise PreprocessError(f"--codecs: {m}: {str(e).splitlines()[0] if str(e) else e}") from None
 

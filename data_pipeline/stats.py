@@ -25,7 +25,7 @@ def aggregate(out_dir: Union[str, Path], prefix: Optional[str] = None, chunks_to
     totals = Counter()
     shards, errors = [], []
     for r in recs:
-        for k in ("inputs", "written", "skipped", "images", "bytes"):
+        for k in ("inputs", "written", "skipped", "bytes"):
             totals[k] += r.get(k, 0)
         for k in c:
             c[k].update(r.get(k, {}))
@@ -40,7 +40,6 @@ def aggregate(out_dir: Union[str, Path], prefix: Optional[str] = None, chunks_to
         "codes": dict(sorted(c["codes"].items())),
         "media": dict(sorted(c["media"].items())),
         "audio_hours": {k: round(v / 3600.0, 6) for k, v in sorted(c["audio_seconds"].items())},
-        "images": totals["images"],
         "bytes": totals["bytes"],
         "shards": shards,
         "chunks_done": len(recs),
@@ -82,8 +81,8 @@ def summary_table(stats: dict, elapsed: Optional[float] = None, this_rank: Optio
         rows.append((f"tokens {m}", _fmt_int(n)))
     for m, h in stats["audio_hours"].items():
         rows.append((f"hours {m}", f"{h:.4g}"))
-    if stats.get("images"):
-        rows.append(("images", _fmt_int(stats["images"])))
+    for m, n in stats["media"].items():
+        rows.append((f"items {m}", _fmt_int(n)))
     rows.append(("shards", f"{len(stats['shards'])} ({stats['bytes'] / 1e6:.1f} MB)"))
     done = f"{stats['chunks_done']}/{stats['chunks_total']}" if stats.get("chunks_total") is not None else str(stats["chunks_done"])
     rows.append(("chunks done", done + ("" if stats.get("complete") else "  (incomplete: other ranks or a rerun)")))

@@ -110,7 +110,7 @@ def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 # ------------------------------------------------------------------------------- corpora
 def manifest_corpus(root: PathLike, fmt: str = "jsonl", broken: bool = True, n: int = 2) -> Corpus:
-    """``id,text,<modality>`` rows with speech, image and music pairs (+ one broken input per kind)."""
+    """``id,text,<modality>`` rows with pairs of every built-in modality (+ one broken input per kind)."""
     root = Path(root)
     rows: list[dict] = []
     keys = []
@@ -151,7 +151,7 @@ def manifest_corpus(root: PathLike, fmt: str = "jsonl", broken: bool = True, n: 
                 skips["bad_record"] += 1
     else:
         path = root / f"manifest.{fmt}"
-        cols = ["id", "text", "speech", "image", "music"]
+        cols = list(dict.fromkeys(k for r in rows for k in r))  # id, text, then the media columns
         with open(path, "w", encoding="utf-8", newline="") as fh:
             delim = "\t" if fmt == "tsv" else ","
             w = csv.writer(fh, delimiter=delim, quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL,
@@ -335,7 +335,7 @@ def musiccaps_corpus(root: PathLike) -> Corpus:
 
 
 def conversations_corpus(root: PathLike) -> Corpus:
-    """AnyInstruct-style dialogues whose turns refer to speech/image/music files."""
+    """AnyInstruct-style dialogues whose turns refer to media files of each built-in modality."""
     root = Path(root)
     write_audio(root / "speech" / "q0.wav", 0.7, 16000, 1)
     write_audio(root / "speech" / "a0.wav", 0.6, 24000, 2)

@@ -15,15 +15,19 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from anygpt.modalities.base import CodecError
-from data_pipeline.options import AUDIO_MODALITIES, PreprocessOptions
+from anygpt import modalities as registry
+from anygpt.data.schema import MediaItem, encode_sample, sanitize_key
+from anygpt.formats.anygpt_strings import AnyGPTStringError, conversation_from_anygpt, string_to_codes
+from anygpt.formats.segments import Marker, Media, Text
+from anygpt.layout import VocabLayout
+from anygpt.modalities.media import MediaError
+from anygpt.modalities.plugin import CodecError, MediaRejected, ReadOptions
+from data_pipeline.options import PreprocessOptions
 from data_pipeline.readers import InputItem, MediaRef
-from anygpt.data.schema import code_dtype, npy_bytes, sanitize_key
 from data_pipeline.shards import ChunkWriter, atomic_write_text, sidecar_path
 
 # Test hook: seconds to sleep after each batch window, so a test can kill a run mid-chunk.
@@ -49,6 +53,7 @@ class _Loaded:
     codebook_size: Optional[int] = None
     num_codebooks: Optional[int] = None
     frame_rate: Optional[float] = None
+    codec: Optional[str] = None
 
 
 @dataclass
@@ -64,12 +69,6 @@ class _Prepared:
     index: int = -1
 
 
-def _layout():
-    from anygpt.layout import VocabLayout
-
-    return VocabLayout.default(32000)  # only the modality specs matter here: offsets are irrelevant
-
-
 class ChunkProcessor:
     """Processes chunks for one worker; codecs are loaded lazily, once, on first use.
 
@@ -78,6 +77,7 @@ class ChunkProcessor:
         codecs: a mapping of already-built codecs by modality (tests, in-process use).  It is used
             as the codec cache: a missing modality is loaded from ``opts.codecs`` (or built tiny with
             ``opts.tiny``) on first use and stored into it, so callers can share it between runs.
+            A given codec must be the one the run's card names.
         device: torch device for the codecs (``cpu``, ``cuda:0`` ...).
     """
 
@@ -85,24 +85,30 @@ class ChunkProcessor:
         self.opts = opts
         self.device = device
         self._codecs: dict[str, Any] = codecs if codecs is not None else {}
-        self.layout = _layout()
+        self.cards = opts.run_cards()
+        # The run's codecs fix each modality's codebooks, sizes and span length (the ids' offsets
+        # do not matter here); token strings are parsed with these ranges, codes checked against them.
+        self.layout = VocabLayout.default(32000, cards=self.cards)
         f = opts.filters
         self._drop = [re.compile(p) for p in f.drop_text_matching]
         self.source = opts.source
         self.delay = float(os.environ.get(DELAY_ENV, "0") or 0)
 
     # ------------------------------------------------------------------ codecs
-    def codec(self, modality: str):
+    def codec(self, modality: str) -> Any:
+        """The run's codec of ``modality`` (built from the registry on first use)."""
+        name = self.cards[modality]["name"]
         if modality not in self._codecs:
-            from anygpt.modalities import build_codec
-
-            src = "tiny" if self.opts.tiny or not self.opts.codecs else Path(self.opts.codecs) / modality
-            codec = build_codec(modality, src)
+            src = registry.codec_dir(self.opts.codecs, modality) if self.opts.codecs else "tiny"
+            codec = registry.build_codec(modality, src, codec=name)
             codec.eval()
             if self.device != "cpu":
                 codec.to(self.device)
             self._codecs[modality] = codec
-        return self._codecs[modality]
+        codec = self._codecs[modality]
+        if codec.card.get("name") != name:
+            raise CodecError(f"{modality}: the codec given is {codec.card.get('name')!r}, this run's is {name!r}")
+        return codec
 
     # ------------------------------------------------------------------ text
     def norm_text(self, text: Optional[str]) -> str:
@@ -163,78 +169,24 @@ class ChunkProcessor:
         buf.name = ref.origin
         return buf
 
-    def load(self, ref: MediaRef) -> _Loaded:
-        from anygpt.modalities.media import MediaError
+    def read_options(self, ref: MediaRef) -> ReadOptions:
+        """The filters (this modality's duration limits, the image bounds) and the segment of ``ref``."""
+        f = self.opts.filters
+        lim = f.limits(ref.modality)
+        return ReadOptions(start=ref.start, end=ref.end, min_seconds=lim.min_seconds, max_seconds=lim.max_seconds,
+                           clip_seconds=lim.clip_seconds, min_side=f.min_image_side,
+                           max_aspect_ratio=f.max_aspect_ratio)
 
+    def load(self, ref: MediaRef) -> _Loaded:
+        """Read one media item through its modality plugin; a rejection or bad file skips the input."""
         src = self._source(ref)
         try:
-            if ref.modality in AUDIO_MODALITIES:
-                return self._load_audio(ref, src)
-            return self._load_image(ref, src)
+            obj, info = registry.get(ref.modality).read(src, self.codec(ref.modality), self.read_options(ref))
+        except MediaRejected as e:
+            raise SkipInput(e.reason, str(e), ref.origin) from None
         except MediaError as e:
             raise SkipInput("unreadable_media", str(e), ref.origin) from None
-
-    def _load_audio(self, ref: MediaRef, src: Any) -> _Loaded:
-        import soundfile as sf
-
-        from anygpt.modalities import media
-
-        lim = self.opts.filters.limits(ref.modality)
-        sr = int(self.codec(ref.modality).sample_rate)
-        try:
-            with sf.SoundFile(src) as f:
-                file_sr, frames = int(f.samplerate), int(f.frames)
-        except Exception as e:  # libsndfile raises several types for corrupt data
-            raise SkipInput("unreadable_media", f"{ref.origin}: cannot read audio ({' '.join(str(e).split())})",
-                            ref.origin) from None
-        if hasattr(src, "seek"):
-            src.seek(0)
-        file_seconds = frames / float(file_sr) if file_sr > 0 else 0.0
-        start = ref.start or 0.0
-        end = ref.end if ref.end is not None else file_seconds
-        if start < 0 or end <= start or start >= file_seconds:
-            raise SkipInput("bad_record", f"{ref.origin}: segment [{start}, {end}] outside the file's {file_seconds:.2f} s",
-                            ref.origin)
-        end = min(end, file_seconds)
-        seconds = end - start
-        if lim.min_seconds is not None and seconds < lim.min_seconds:
-            raise SkipInput("too_short", f"{ref.origin}: {seconds:.2f} s < min_seconds {lim.min_seconds}", ref.origin)
-        if lim.max_seconds is not None and seconds > lim.max_seconds:
-            raise SkipInput("too_long", f"{ref.origin}: {seconds:.2f} s > max_seconds {lim.max_seconds}", ref.origin)
-        if ref.start is None and ref.end is None:
-            wav, info = media.load_audio(src, sr, max_seconds=lim.clip_seconds)
-            truncated = info.truncated
-        else:
-            # A segment of a longer file: read only its frames, then the shared mono/resample/clip steps.
-            try:
-                with sf.SoundFile(src) as f:
-                    f.seek(int(round(start * file_sr)))
-                    data = f.read(int(round(seconds * file_sr)), dtype="float32", always_2d=True)
-            except Exception as e:
-                raise SkipInput("unreadable_media", f"{ref.origin}: cannot read audio ({' '.join(str(e).split())})",
-                                ref.origin) from None
-            if data.shape[0] == 0 or not np.isfinite(data).all():
-                raise SkipInput("unreadable_media", f"{ref.origin}: empty or non-finite audio segment", ref.origin)
-            wav = media.resample(media.to_mono(data), file_sr, sr)
-            wav, truncated = media.clip_audio(wav, sr, lim.clip_seconds)
-            if wav.shape[0] == 0:
-                raise SkipInput("unreadable_media", f"{ref.origin}: zero-length audio after resampling", ref.origin)
-        info = {"seconds": round(wav.shape[0] / float(sr), 4), "sample_rate": sr, "truncated": bool(truncated),
-                "orig_seconds": round(seconds, 4)}
-        return _Loaded(ref.modality, np.ascontiguousarray(wav, dtype=np.float32), info)
-
-    def _load_image(self, ref: MediaRef, src: Any) -> _Loaded:
-        from anygpt.modalities import media
-
-        img = media.load_image(src, name=ref.origin)
-        f = self.opts.filters
-        w, h = img.size
-        if f.min_image_side is not None and min(w, h) < f.min_image_side:
-            raise SkipInput("image_too_small", f"{ref.origin}: {w}x{h} < min_image_side {f.min_image_side}", ref.origin)
-        if f.max_aspect_ratio is not None and max(w, h) / min(w, h) > f.max_aspect_ratio:
-            raise SkipInput("bad_aspect_ratio", f"{ref.origin}: aspect {max(w, h) / min(w, h):.2f} > {f.max_aspect_ratio}",
-                            ref.origin)
-        return _Loaded("image", img, {"width": w, "height": h})
+        return _Loaded(ref.modality, obj, info)
 
     # ------------------------------------------------------------------ per-input preparation
     def prepare(self, item: InputItem) -> _Prepared:
@@ -270,18 +222,14 @@ class ChunkProcessor:
                          system=self.norm_text(item.system) if item.system else None, media=media)
 
     def _prepare_anygpt(self, item: InputItem) -> _Prepared:
-        from anygpt.formats.anygpt_strings import AnyGPTStringError, conversation_from_anygpt, string_to_codes
-        from anygpt.formats.segments import Marker, Media, Text
-
         rec = item.record or {}
         self.check_meta(item.meta)
 
         def coded(modality: str, codes: np.ndarray) -> _Loaded:
-            spec = self.layout.modality(modality)
-            # AnyGPT's codecs run at 50 frames/s for speech and music; images have no frame rate.
-            rate = 50.0 if modality in AUDIO_MODALITIES else None
+            spec = self.layout.modality(modality)  # token strings carry only the LM's codebooks
+            rate = self.cards[modality].get("frame_rate")
             return _Loaded(modality, None, {}, np.asarray(codes, dtype=np.int64), spec.codebook_size,
-                           spec.num_codebooks, rate)
+                           spec.num_codebooks, float(rate) if rate else None, spec.codec)
 
         def fail(e: Exception) -> SkipInput:
             msg = str(e)
@@ -310,11 +258,12 @@ class ChunkProcessor:
                 turns.append({"role": t.role, "content": content})
             system = rec.get("system") if isinstance(rec.get("system"), str) else None
             return _Prepared(item, "conversation", conversation=turns, system=system, media=media)
+        starts = tuple(spec.start for spec in self.layout.modalities.values())
         spans = [(k, v) for k, v in rec.items()
-                 if k in self.layout.modalities and isinstance(v, str) and v.strip().startswith("<so")]
+                 if k in self.layout.modalities and isinstance(v, str) and v.strip().startswith(starts)]
         if not spans:
-            raise SkipInput("no_media", "record has neither a conversation nor an image/speech/music token string",
-                            item.origin)
+            raise SkipInput("no_media", f"record has neither a conversation nor a {'/'.join(self.layout.modalities)} "
+                                        "token string", item.origin)
         key, value = spans[0]
         try:
             modality, codes = string_to_codes(self.layout, value)
@@ -329,7 +278,7 @@ class ChunkProcessor:
     # ------------------------------------------------------------------ encoding
     def encode(self, prepared: list[_Prepared]) -> None:
         """Encode every pending media item of a window, batched per modality; failures skip their input."""
-        import torch
+        import torch  # only runs that encode media need it (token-string runs do not)
 
         bs = self.opts.batch_size
         jobs: dict[str, list[tuple[_Prepared, _Loaded]]] = {}
@@ -339,6 +288,7 @@ class ChunkProcessor:
                     jobs.setdefault(m.modality, []).append((p, m))
         for modality, items in jobs.items():
             codec = self.codec(modality)
+            card = self.cards[modality]
             for i in range(0, len(items), bs):
                 batch = [(p, m) for p, m in items[i : i + bs] if p.skip is None]
                 if not batch:
@@ -363,10 +313,12 @@ class ChunkProcessor:
                     if codes is not None:
                         m.codes = np.asarray(codes.detach().cpu().numpy() if hasattr(codes, "detach") else codes)
                         m.codebook_size, m.num_codebooks = int(codec.codebook_size), int(codec.num_codebooks)
-                        m.frame_rate = float(codec.frame_rate) if codec.frame_rate else None
-                    m.obj = None  # free the waveform / image early
+                        m.frame_rate = float(card["frame_rate"]) if card.get("frame_rate") else None
+                        m.codec = card["name"]
+                    m.obj = None  # free the decoded media early
 
     def check_codes(self, p: _Prepared) -> None:
+        """Codes must fit the run's codec: ``[K, T]`` integers, inside the codebook, the card's span length."""
         for m in p.media:
             c = m.codes
             if c is None:
@@ -384,49 +336,14 @@ class ChunkProcessor:
                                                       f"{m.codebook_size}", p.item.origin)
 
     # ------------------------------------------------------------------ samples
-    def build_sample(self, p: _Prepared) -> tuple[dict, list[tuple[str, bytes]], dict]:
-        """(json object, npy files, per-media accounting) for a prepared and encoded input."""
+    def build_sample(self, p: _Prepared) -> tuple[str, list[tuple[str, bytes]], dict]:
+        """``(key, members, json object)`` of a prepared and encoded input (:func:`encode_sample`)."""
         item = p.item
-        files: list[tuple[str, bytes]] = []
-        media_json: dict[str, dict] = {}
-        durations: dict[str, float] = {}
-        keys = []
-        for i, m in enumerate(p.media):
-            key = f"{m.modality}.npy" if p.kind == "pair" else f"m{i}.{m.modality}.npy"
-            keys.append(key)
-            arr = m.codes.astype(code_dtype(m.codebook_size))
-            files.append((key, npy_bytes(arr)))
-            audio = m.modality in AUDIO_MODALITIES
-            seconds = m.info.get("seconds")
-            if audio and seconds is None and m.frame_rate:  # token-string input: duration from frames
-                seconds = round(arr.shape[1] / m.frame_rate, 4)
-            media_json[key] = {
-                "modality": m.modality,
-                "num_codebooks": int(arr.shape[0]),
-                "codebook_size": int(m.codebook_size),
-                "frames": int(arr.shape[1]),
-                "frame_rate": m.frame_rate,
-                "seconds": seconds if audio else None,
-                "sample_rate": m.info.get("sample_rate") if audio else None,
-                "truncated": m.info.get("truncated") if audio else None,
-                "origin": item.media[i].origin if i < len(item.media) else None,
-            }
-            if m.modality == "image" and "width" in m.info:
-                media_json[key]["width"], media_json[key]["height"] = m.info["width"], m.info["height"]
-            if audio and seconds is not None:
-                durations[key] = seconds
-        obj: dict[str, Any] = {"format": 1, "id": item.id, "kind": p.kind, "source": self.source,
-                               "corpus": self.opts.corpus}
-        if p.kind == "pair":
-            obj["text"], obj["modality"] = p.text, p.modality
-        else:
-            obj["conversation"] = [
-                {"role": t["role"], "content": [
-                    {p.media[c["media"]].modality: keys[c["media"]]} if "media" in c else c for c in t["content"]]}
-                for t in p.conversation]
-            obj["system"] = p.system
-        obj["media"], obj["durations"], obj["meta"] = media_json, durations, item.meta
-        return obj, files, media_json
+        media = [MediaItem(m.modality, m.codes, m.codebook_size, m.frame_rate, m.codec, m.info,
+                           item.media[i].origin if i < len(item.media) else None)
+                 for i, m in enumerate(p.media)]
+        return encode_sample(id=item.id, kind=p.kind, media=media, source=self.source, corpus=self.opts.corpus,
+                             text=p.text, conversation=p.conversation, system=p.system, meta=item.meta)
 
     # ------------------------------------------------------------------ a whole chunk
     def process_chunk(self, chunk: int, first_index: int, items: list[InputItem],
@@ -465,14 +382,13 @@ class ChunkProcessor:
                         key = sanitize_key(p.item.id)
                         if key in seen:
                             raise SkipInput("duplicate_id", f"id {p.item.id!r} repeats within the chunk", p.item.origin)
-                        obj, files, media_json = self.build_sample(p)
+                        key, files, obj = self.build_sample(p)
                     except SkipInput as e:
                         acc.skip(idx, chunk, p.item, e, self.source, opts.corpus)
                         continue
                     seen.add(key)
-                    data = json.dumps(obj, ensure_ascii=False, sort_keys=True).encode("utf-8")
-                    size = writer.add(key, [("json", data), *files])
-                    acc.write(media_json, size)
+                    size = writer.add(key, files)
+                    acc.write(obj["media"], size)
                     written += 1
                 if progress is not None:
                     progress(len(window), written)
@@ -490,9 +406,11 @@ class ChunkProcessor:
 
 
 class _Accounting:
-    def __init__(self, layout):
+    """A chunk's counts: inputs, skips by reason, LM tokens / stored codes / items / seconds per modality."""
+
+    def __init__(self, layout: VocabLayout):
         self.layout = layout
-        self.inputs = self.written = self.skipped = self.bytes = self.images = 0
+        self.inputs = self.written = self.skipped = self.bytes = 0
         self.reasons: Counter = Counter()
         self.tokens: Counter = Counter()
         self.codes: Counter = Counter()
@@ -513,21 +431,19 @@ class _Accounting:
         self.bytes += size
         for m in media_json.values():
             mod = m["modality"]
-            k_lm = self.layout.modality(mod).num_codebooks
+            k_lm = self.layout.modality(mod).num_codebooks  # the run card's lm_codebooks
             self.tokens[mod] += min(k_lm, m["num_codebooks"]) * m["frames"]
             self.codes[mod] += m["num_codebooks"] * m["frames"]
             self.media[mod] += 1
             if m["seconds"] is not None:
                 self.audio_seconds[mod] += m["seconds"]
-            if mod == "image":
-                self.images += 1
 
     def to_dict(self) -> dict:
         return {"inputs": self.inputs, "written": self.written, "skipped": self.skipped,
                 "skipped_by_reason": dict(sorted(self.reasons.items())), "tokens": dict(self.tokens),
                 "codes": dict(self.codes), "media": dict(self.media),
                 "audio_seconds": {k: round(v, 4) for k, v in self.audio_seconds.items()},
-                "images": self.images, "bytes": self.bytes, "errors": self.errors}
+                "bytes": self.bytes, "errors": self.errors}
 
 
 __all__ = ["ChunkProcessor", "SkipInput", "DELAY_ENV"]

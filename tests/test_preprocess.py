@@ -65,7 +65,7 @@ def check_accounting(out: Path, stats: dict, corpus: S.Corpus) -> None:
     assert stats["skipped_by_reason"] == corpus.skips
     assert keys_of(out) == corpus.keys
     on_disk = json.loads((out / "stats.json").read_text())
-    for k in ("inputs", "written", "skipped", "skipped_by_reason", "tokens", "audio_hours", "images"):
+    for k in ("inputs", "written", "skipped", "skipped_by_reason", "tokens", "audio_hours", "media"):
         assert on_disk[k] == stats[k], k
     assert on_disk["complete"] is True
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
@@ -107,7 +107,7 @@ def test_manifest_reader_accounting_and_schema(tmp_path, codecs, fmt):
     assert stats["tokens"]["speech"] == 2 * 30  # the LM sees layer 1 only
     assert stats["codes"]["speech"] == 8 * 2 * 30
     assert stats["tokens"]["music"] == 4 * 25 and stats["tokens"]["image"] == 2 * 32
-    assert stats["images"] == 2 and stats["audio_hours"]["speech"] == pytest.approx(1.2 / 3600, rel=1e-3)
+    assert stats["media"] == {"image": 2, "music": 1, "speech": 2} and stats["audio_hours"]["speech"] == pytest.approx(1.2 / 3600, rel=1e-3)
     # Stored compactly (int16), read back as int64 by iter_samples.
     raw = next(iter_samples(out, decode=False))
     assert np.load(io.BytesIO(raw["speech.npy"])).dtype == np.int16
@@ -124,6 +124,33 @@ def test_webdataset_reads_shards(tmp_path, codecs):
     got = list(wds.WebDataset(urls, shardshuffle=False).decode())
     assert [s["__key__"] for s in got] == corpus.keys
     assert got[0]["speech.npy"].shape == (8, 30) and got[0]["json"]["text"] == "spoken words 0"
+
+
+def test_shards_open_with_a_header_counting_their_samples(tmp_path, codecs):
+    """Every shard's first member is ``__shard__`` declaring exactly the samples written into it (skipped
+    inputs leave none), also for spill-over parts; WebDataset still reads the shards."""
+    import tarfile
+
+    import webdataset as wds
+
+    from anygpt.data.schema import HEADER_MEMBER, read_header
+
+    corpus = S.manifest_corpus(tmp_path / "c")  # broken inputs: chunks hold fewer samples than inputs
+    out = tmp_path / "out"
+    stats = run_preprocess(make_opts(corpus, out, shard_size=4, shard_bytes=2048), codecs=codecs)
+    total = 0
+    for part in stats["shards"]:
+        with tarfile.open(out / part["name"]) as tf:
+            members = tf.getmembers()
+            assert members[0].name == HEADER_MEMBER, part
+            declared = read_header(tf.extractfile(members[0]).read(), part["name"])
+        keys = {m.name.split(".")[0] for m in members[1:]}
+        assert declared == part["samples"] == len(keys), part
+        total += declared
+    assert total == stats["written"] == len(corpus.keys)
+    assert any(p["name"].endswith("-1.tar") for p in stats["shards"])  # a spill-over part has its own header
+    urls = [str(p) for p in list_shards(out)]
+    assert [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)] == corpus.keys
 
 
 def test_librispeech_layout(tmp_path, codecs):
@@ -224,7 +251,7 @@ class _Faulty:
     """Wraps a codec: out-of-range codes for one input, an exception for another."""
 
     def __init__(self, inner):
-        self.inner = inner
+        self.inner, self.card = inner, inner.card
         self.sample_rate, self.frame_rate = inner.sample_rate, inner.frame_rate
         self.num_codebooks, self.codebook_size = inner.num_codebooks, inner.codebook_size
 
