@@ -20,16 +20,19 @@ from anygpt.demo.corpus import (  # noqa: E402
     render_music,
     render_reference,
 )
+from anygpt import modalities as registry  # noqa: E402
 from anygpt.demo.grammar import (  # noqa: E402
-    MODALITIES,
     all_combinations,
     attribute_values,
     describe,
     held_out_combinations,
     is_held_out,
     parse_attributes,
+    demo_modalities,
     train_combinations,
 )
+
+MODALITIES = demo_modalities()
 
 N = 12  # training items per modality: small, the test is about structure, not size
 
@@ -54,7 +57,10 @@ def test_manifests_schema_and_media(corpus):
     from PIL import Image
 
     out = corpus.out_dir
+    meta = json.loads(corpus.corpus_json.read_text())
+    assert list(meta["grammar"]) == list(meta["media"]) == list(MODALITIES)
     for modality in MODALITIES:
+        assert meta["media"][modality]["format"] == registry.get(modality).output_suffix.lstrip(".")
         for split in ("train", "test"):
             path = corpus.manifest(split, modality)
             assert path == out / f"{split}_{modality}.jsonl"
@@ -65,6 +71,7 @@ def test_manifests_schema_and_media(corpus):
                 assert set(r) == {"id", "text", modality}
                 rel = Path(r[modality])
                 assert not rel.is_absolute() and (path.parent / rel).is_file()
+                assert rel.suffix == registry.get(modality).output_suffix
                 full = path.parent / rel
                 if modality == "image":
                     with Image.open(full) as im:
@@ -119,7 +126,7 @@ def test_conversations_schema(corpus):
                 for item in turn["content"]:
                     assert len(item) == 1
                     (key, value), = item.items()
-                    assert key in {"text", "marker", "speech", "image", "music"}
+                    assert key in {"text", "marker", *MODALITIES}
                     if key == "marker":
                         assert value in ("<-Ins->", "<-Res->")
                     elif key != "text":

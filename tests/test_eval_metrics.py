@@ -1,4 +1,5 @@
-"""Synthetic-task metrics and their chance levels; real-data WER / BLEU helpers."""
+"""Eval's metrics (WER, BLEU, the judges of generated codes, with their chance levels), the layering that
+keeps them below the demo, and the demo's grammar-based X->text scores built on them."""
 from __future__ import annotations
 
 import math
@@ -8,26 +9,43 @@ import sys
 import numpy as np
 import pytest
 
-from anygpt.demo.grammar import MODALITIES, all_combinations, attribute_values, describe
-from anygpt.eval.synthetic import (
+from anygpt import modalities as registry
+from anygpt.demo.grammar import all_combinations, attribute_values, demo_modalities, describe
+from anygpt.demo.scoring import attribute_accuracy, chance_levels
+from anygpt.eval.metrics import (
     asr_wer,
-    attribute_accuracy,
     bleu,
     caption_metrics,
-    chance_levels,
     classifier_attribute_accuracy,
     code_features,
+    edit_distance,
     nearest_reference_accuracy,
     normalize_text,
 )
 
 
-def test_eval_package_import_is_light():
-    code = ("import sys, anygpt.eval, anygpt.eval.synthetic; "
-            "print(sorted(m for m in ('torch', 'jiwer', 'sklearn', 'PIL', 'soundfile', 'transformers') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+def _imported(code: str) -> list[str]:
+    """Modules (of anygpt and a few heavy libraries) that ``code`` leaves in ``sys.modules``, fresh process."""
+    probe = (f"{code}\nimport sys\nprint('\\n'.join(sorted(m for m in sys.modules if m.startswith('anygpt') "
+             "or m in ('torch', 'jiwer', 'sklearn', 'PIL', 'soundfile', 'transformers'))))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
+def test_metrics_depend_on_nothing_above_them():
+    # light (jiwer / scikit-learn only inside the functions that need them) and no other project module
+    assert _imported("import anygpt.eval.metrics") == ["anygpt", "anygpt.eval", "anygpt.eval.metrics"]
+
+
+def test_no_eval_module_imports_the_demo():
+    code = ("import pkgutil, importlib, anygpt.eval\n"
+            "names = [m.name for m in pkgutil.iter_modules(anygpt.eval.__path__, 'anygpt.eval.')]\n"
+            "assert {'anygpt.eval.metrics', 'anygpt.eval.run'} <= set(names), names\n"
+            "for name in names:\n"
+            "    importlib.import_module(name)")
+    loaded = _imported(code)
+    assert "anygpt.eval.run" in loaded and "anygpt.eval.metrics" in loaded
+    assert [m for m in loaded if m.startswith("anygpt.demo")] == []
 
 
 def test_chance_levels_from_grammar():
@@ -39,7 +57,7 @@ def test_chance_levels_from_grammar():
     assert chance_levels("music")["chance_exact"] == pytest.approx(1 / 12)
 
 
-@pytest.mark.parametrize("modality", MODALITIES)
+@pytest.mark.parametrize("modality", demo_modalities())
 def test_attribute_accuracy_perfect_and_random(modality):
     rng = np.random.default_rng(0)
     combos = all_combinations(modality)
@@ -57,7 +75,7 @@ def test_attribute_accuracy_perfect_and_random(modality):
     for a, acc in rand["per_attribute"].items():
         assert abs(acc - rand["chance_per_attribute"][a]) < 0.06, a
     assert abs(rand["exact"] - rand["chance_exact"]) < 0.04
-    if modality == "speech":
+    if registry.get(modality).text_kind == "transcript":  # speech
         assert perfect["wer"] == 0.0
         assert abs(rand["wer"] - rand["chance_wer"]) < 0.05  # chance WER = expected WER of a random sentence
     else:
@@ -146,6 +164,7 @@ def test_classifier_attribute_accuracy():
 
 def test_normalize_and_asr_wer():
     assert normalize_text("  Hello, World!  It's 5 o'clock.") == "hello world it's 5 o'clock"
+    assert edit_distance("a b c".split(), "a x c d".split()) == 2 and edit_distance([], ["a"]) == 1
     r = asr_wer(["Hello, World!", "the cat sat", "x"], ["hello world", "the cat sat down", "  ...  "])
     assert r["n"] == 2 and r["skipped_empty_refs"] == 1
     assert r["deletions"] == 1 and r["ref_words"] == 6 and r["wer"] == pytest.approx(1 / 6)

@@ -16,9 +16,10 @@ What is made (all under ``out_dir``; media paths in manifests are relative to th
   16-bit WAV): sentences ``"{number} {colour} {shape}s"`` (``"three blue squares"``), with the sentence as
   transcript.
 - music (NumPy synthesis, 32 kHz mono, ``music_seconds`` long, default 1 s): tempo slow (3 notes/s, legato)
-  / fast (8 notes/s, staccato) × scale major / minor (melodies over the tonic triad of a fixed tonic, so the third -- 4 vs 3
-  semitones -- is always present) × timbre flute (sine + vibrato, soft attack) / organ (band-limited square
-  wave: odd harmonics, sustained) / plucked (all harmonics, sharp attack, fast decay).  Caption:
+  / fast (8 notes/s, staccato) × scale major / minor (melodies over the tonic triad of a fixed tonic, so the
+  third -- 4 vs 3 semitones -- is always present) × timbre flute (sine + vibrato, soft attack) / organ
+  (band-limited square wave: odd harmonics, sustained) / plucked (all harmonics, sharp attack, fast decay).
+  Caption:
   ``"a fast melody in a major key on an organ"``.
 - conversations (instruction-tuning data) in the conversation-manifest schema, built only from training
   combinations: spoken request -> chain-of-modality text + image; image + question -> caption; text ->
@@ -26,8 +27,12 @@ What is made (all under ``out_dir``; media paths in manifests are relative to th
   a two-turn dialogue (describe an image, then draw the same shape elsewhere).  Chain-of-modality markers
   are content items ``{"marker": "<-Ins->"}`` / ``{"marker": "<-Res->"}`` (the shard schema's marker item).
 
-Files: ``train_{image,speech,music}.jsonl``, ``test_{image,speech,music}.jsonl`` (rows ``id``, ``text`` and
-one media column), ``train_conversations.jsonl``, ``test_conversations.jsonl`` (rows ``id``,
+The demo's modalities are the registered ones its grammar has content for
+(:func:`anygpt.demo.grammar.demo_modalities`); each one's rendering is a ``_Medium`` here, and file
+suffixes are the plugins' ``output_suffix``.
+
+Files, per demo modality ``m``: ``train_{m}.jsonl``, ``test_{m}.jsonl`` (rows ``id``, ``text`` and
+one media column); ``train_conversations.jsonl``, ``test_conversations.jsonl`` (rows ``id``,
 ``conversation``), and ``corpus.json`` (grammar, attribute values, held-out combinations and rules, counts,
 which test ids are novel).  Test manifests hold *novel* items (every held-out combination, ids
 ``{m}-test-novel-NNNNN``) followed by *seen* items (fresh renderings of training combinations, ids
@@ -48,16 +53,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from anygpt import modalities as registry
 from anygpt.demo.grammar import (
-    MODALITIES,
     POSITION_PHRASE,
     all_combinations,
     attribute_values,
+    demo_modalities,
     describe,
+    grammar,
     grammar_summary,
     held_out_combinations,
     parse_attributes,
@@ -77,7 +84,7 @@ DEFAULT_MUSIC_SECONDS = 1.0
 DEFAULT_N = 320
 QUICK_N = 48
 
-_MOD_INDEX = {"image": 1, "speech": 2, "music": 3, "conversation": 4}
+_CONVERSATION_SEED = 4  # the conversations' part of their RNG seeds (see _Medium.seed_index)
 _SPLIT_INDEX = {"train": 1, "test_novel": 2, "test_seen": 3, "order": 9}
 
 # espeak-ng voices (language + variant), speeds (words per minute) and pitches (0-99) drawn per item.
@@ -277,22 +284,116 @@ def render_music(attrs: Mapping[str, str], rng: np.random.Generator | None = Non
     return (out * (peak / max(float(np.abs(out).max()), 1e-9))).astype(np.float32)
 
 
-# --------------------------------------------------------------------------------------- references
+# ------------------------------------------------------------------------------ media per modality
+
+
+@dataclass(frozen=True)
+class _Style:
+    """How media are rendered: sizes, the speech variety, and ``voice`` (a fixed espeak-ng
+    ``(voice, speed, pitch)`` for every utterance: references)."""
+
+    image_size: int = DEFAULT_IMAGE_SIZE
+    music_seconds: float = DEFAULT_MUSIC_SECONDS
+    speech_variety: str = DEFAULT_SPEECH_VARIETY
+    voice: tuple[str, int, int] | None = None
+    tmp_dir: str | None = None
+
+
+def _speak(text: str, rng: np.random.Generator | None, style: _Style) -> np.ndarray:
+    """``text`` spoken by ``style.voice``, else the canonical voice (``rng=None``), else a voice drawn from
+    the style's variety."""
+    if style.voice is not None:
+        return render_speech(text, *style.voice, tmp_dir=style.tmp_dir)
+    if rng is None:
+        return render_speech(text, tmp_dir=style.tmp_dir)
+    voice, speed, pitch, peak = _speech_params(rng, style.speech_variety)
+    return render_speech(text, voice, speed, pitch, peak, tmp_dir=style.tmp_dir)
+
+
+def _wav_writer(rate: int) -> Callable[[Path, np.ndarray], None]:
+    def save(path: Path, wav: np.ndarray) -> None:
+        import soundfile as sf
+
+        sf.write(str(path), wav, rate, subtype="PCM_16")  # the container follows the path's suffix
+    return save
+
+
+@dataclass(frozen=True)
+class _Medium:
+    """How one demo modality's attribute combinations become files: demo content, like its
+    :class:`~anygpt.demo.grammar.Grammar`.  The file suffix is the plugin's ``output_suffix``.
+
+    Attributes:
+        modality: the registered modality.
+        seed_index: the modality's part of every item's RNG seed (fixed: a corpus never changes).
+        render: ``(attributes, rng or None for the canonical rendering, style) -> media``.
+        save: ``(path, media)`` -> a file (its format follows the path's suffix).
+        summary: ``(style, format) ->`` the modality's entry under ``media`` in ``corpus.json``.
+    """
+
+    modality: str
+    seed_index: int
+    render: Callable[[Mapping[str, str], np.random.Generator | None, _Style], Any]
+    save: Callable[[Path, Any], None]
+    summary: Callable[[_Style, str], dict[str, Any]]
+
+
+def _speech_summary(style: _Style, fmt: str) -> dict[str, Any]:
+    voices: Any = {"voices": list(VOICES), "speed_wpm": list(SPEED_RANGE), "pitch": list(PITCH_RANGE)}
+    if style.speech_variety == "none":
+        voices = [list(CANONICAL_VOICE)]
+    elif style.speech_variety == "few":
+        voices = [list(v) for v in FEW_VOICES]
+    return {"format": fmt, "sample_rate": SPEECH_SAMPLE_RATE, "channels": 1, "tts": "espeak-ng",
+            "variety": style.speech_variety, "voices": voices, "assistant_voice": list(CANONICAL_VOICE)}
+
+
+_IMAGE = _Medium(
+    modality="image", seed_index=1,
+    render=lambda attrs, rng, style: render_image(attrs, rng, style.image_size),
+    save=lambda path, img: img.save(path),  # Pillow picks the format from the suffix
+    summary=lambda style, fmt: {"format": fmt, "size": [style.image_size, style.image_size], "mode": "RGB"},
+)
+_SPEECH = _Medium(
+    modality="speech", seed_index=2,
+    render=lambda attrs, rng, style: _speak(describe("speech", attrs), rng, style),
+    save=_wav_writer(SPEECH_SAMPLE_RATE),
+    summary=_speech_summary,
+)
+_MUSIC = _Medium(
+    modality="music", seed_index=3,
+    render=lambda attrs, rng, style: render_music(attrs, rng, style.music_seconds),
+    save=_wav_writer(MUSIC_SAMPLE_RATE),
+    summary=lambda style, fmt: {"format": fmt, "sample_rate": MUSIC_SAMPLE_RATE, "channels": 1,
+                                "seconds": style.music_seconds,
+                                "notes_per_second": {k: round(1 / v, 3) for k, v in _NOTE_SECONDS.items()},
+                                "sounding_fraction": dict(_SOUNDING), "tonic_hz": _TONIC_HZ},
+)
+MEDIA: dict[str, _Medium] = {m.modality: m for m in (_IMAGE, _SPEECH, _MUSIC)}
+
+
+def _medium(modality: str) -> _Medium:
+    if modality not in MEDIA:
+        raise ValueError(f"the demo corpus renders no {modality!r} media (it renders {', '.join(MEDIA)})")
+    return MEDIA[modality]
+
+
+def _suffix(modality: str) -> str:
+    return registry.get(modality).output_suffix
 
 
 def render_reference(modality: str, text: str, out_path: str | os.PathLike, *, variant: int = 0,
                      image_size: int = DEFAULT_IMAGE_SIZE, music_seconds: float = DEFAULT_MUSIC_SECONDS) -> Path:
-    """Render the media a caption / sentence describes (used by eval to judge text->X generations).
+    """Render the media a caption / sentence describes (used by the demo's eval to judge text->X answers).
 
     ``variant=0`` is the canonical rendering (no jitter, canonical voice and melody); ``variant=k>0`` draws
     jitter from a RNG seeded by ``(k, attributes)`` so several references per caption can be made.  Speech:
     ``variant=k < len(FEW_VOICES)`` speaks with the k-th fixed voice of the ``"few"`` variety (exactly
     what the corpus used), larger ``k`` with a random voice/speed/pitch/level of the ``"high"`` variety.
     The text is parsed with :func:`parse_attributes`; a text that does not name every attribute raises
-    ``ValueError``.  Writes PNG (image) or 16-bit WAV (speech 16 kHz, music 32 kHz); returns the path.
+    ``ValueError``.  The file's format follows ``out_path``'s suffix (use the plugin's ``output_suffix``:
+    PNG images, 16-bit WAV at 16 kHz for speech and 32 kHz for music); returns the path.
     """
-    import soundfile as sf
-
     attrs = parse_attributes(modality, text)
     missing = [a for a in attribute_values(modality) if a not in attrs]
     if missing:
@@ -303,19 +404,10 @@ def render_reference(modality: str, text: str, out_path: str | os.PathLike, *, v
     if variant:
         key = [ord(c) for c in describe(modality, attrs)][:64]
         rng = np.random.default_rng([int(variant), *key])
-    if modality == "image":
-        render_image(attrs, rng, image_size).save(out, format="PNG")
-    elif modality == "speech":
-        sentence = describe("speech", attrs)
-        if variant < len(FEW_VOICES):
-            wav = render_speech(sentence, *FEW_VOICES[int(variant)])
-        else:
-            voice, speed, pitch, peak = _speech_params(rng, "high")
-            wav = render_speech(sentence, voice, speed, pitch, peak)
-        sf.write(str(out), wav, SPEECH_SAMPLE_RATE, subtype="PCM_16", format="WAV")
-    else:
-        sf.write(str(out), render_music(attrs, rng, music_seconds), MUSIC_SAMPLE_RATE, subtype="PCM_16",
-                 format="WAV")
+    voice = FEW_VOICES[int(variant)] if variant < len(FEW_VOICES) else None
+    style = _Style(image_size=image_size, music_seconds=music_seconds, speech_variety="high", voice=voice)
+    medium = _medium(modality)
+    medium.save(out, medium.render(attrs, rng, style))
     return out
 
 
@@ -342,8 +434,12 @@ class CorpusInfo:
         return self.manifests[f"{split}_{modality}"]
 
 
+def _seed_index(what: str) -> int:
+    return _CONVERSATION_SEED if what == "conversation" else _medium(what).seed_index
+
+
 def _rng(seed: int, modality: str, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed), _MOD_INDEX[modality], _SPLIT_INDEX[split], int(index)])
+    return np.random.default_rng([int(seed), _seed_index(modality), _SPLIT_INDEX[split], int(index)])
 
 
 def _balanced(combos: list[dict[str, str]], n: int, seed: int, modality: str, split: str) -> list[dict[str, str]]:
@@ -351,7 +447,7 @@ def _balanced(combos: list[dict[str, str]], n: int, seed: int, modality: str, sp
     out: list[dict[str, str]] = []
     r = 0
     while len(out) < n and combos:
-        order = np.random.default_rng([int(seed), _MOD_INDEX[modality], _SPLIT_INDEX["order"],
+        order = np.random.default_rng([int(seed), _seed_index(modality), _SPLIT_INDEX["order"],
                                        _SPLIT_INDEX[split], r]).permutation(len(combos))
         out += [combos[int(i)] for i in order]
         r += 1
@@ -365,49 +461,29 @@ def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 class _Writer:
-    """Renders one media item to a file under ``out_dir`` and returns its manifest-relative path."""
+    """Renders media files under ``out_dir`` and returns their manifest-relative paths."""
 
-    def __init__(self, out_dir: Path, image_size: int, music_seconds: float, tmp_dir: str, speech_variety: str):
-        self.out_dir, self.image_size, self.music_seconds, self.tmp_dir = out_dir, image_size, music_seconds, tmp_dir
-        self.speech_variety = speech_variety
+    def __init__(self, out_dir: Path, style: _Style):
+        self.out_dir, self.style = out_dir, style
 
-    def image(self, rel: str, attrs: Mapping[str, str], rng: np.random.Generator) -> str:
+    def _path(self, rel: str) -> Path:
         path = self.out_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        render_image(attrs, rng, self.image_size).save(path, format="PNG")
+        return path
+
+    def media(self, modality: str, stem: str, attrs: Mapping[str, str], rng: np.random.Generator | None) -> str:
+        """One attribute combination rendered to ``stem`` + the plugin's output suffix."""
+        rel = stem + _suffix(modality)
+        medium = _medium(modality)
+        medium.save(self._path(rel), medium.render(attrs, rng, self.style))
         return rel
 
-    def speech(self, rel: str, text: str, rng: np.random.Generator | None) -> str:
-        import soundfile as sf
-
-        path = self.out_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if rng is None:
-            wav = render_speech(text, tmp_dir=self.tmp_dir)
-        else:
-            voice, speed, pitch, peak = _speech_params(rng, self.speech_variety)
-            wav = render_speech(text, voice, speed, pitch, peak, tmp_dir=self.tmp_dir)
-        sf.write(str(path), wav, SPEECH_SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    def speak(self, stem: str, text: str, rng: np.random.Generator | None) -> str:
+        """Any ``text`` spoken (conversation turns); ``rng=None``: the canonical (assistant's) voice."""
+        rel = stem + _suffix("speech")
+        _medium("speech").save(self._path(rel), _speak(text, rng, self.style))
         return rel
 
-    def music(self, rel: str, attrs: Mapping[str, str], rng: np.random.Generator) -> str:
-        import soundfile as sf
-
-        path = self.out_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(str(path), render_music(attrs, rng, self.music_seconds), MUSIC_SAMPLE_RATE, subtype="PCM_16",
-                 format="WAV")
-        return rel
-
-    def media(self, modality: str, rel: str, attrs: Mapping[str, str], rng: np.random.Generator) -> str:
-        if modality == "image":
-            return self.image(rel, attrs, rng)
-        if modality == "speech":
-            return self.speech(rel, describe("speech", attrs), rng)
-        return self.music(rel, attrs, rng)
-
-
-_EXT = {"image": "png", "speech": "wav", "music": "wav"}
 
 CONVERSATION_KINDS = ("speech_to_image", "image_question", "text_to_music", "speech_echo", "music_question",
                       "image_two_turns")
@@ -433,28 +509,28 @@ def _conversation(kind: str, idx: int, split: str, w: _Writer, rng: np.random.Ge
         a = choose("image")
         cap = describe("image", a)
         request = f"draw {cap}"
-        turns = [("user", [{"speech": w.speech(f"{base}-user.wav", request, rng)}]),
+        turns = [("user", [{"speech": w.speak(f"{base}-user", request, rng)}]),
                  ("assistant", [ins, {"text": request}, res, {"text": f"here is {cap}"},
-                                {"image": w.image(f"{base}-answer.png", a, rng)}])]
+                                {"image": w.media("image", f"{base}-answer", a, rng)}])]
     elif kind == "image_question":
         a = choose("image")
-        turns = [("user", [{"image": w.image(f"{base}-user.png", a, rng)}, {"text": q(_IMAGE_QUESTIONS)}]),
+        turns = [("user", [{"image": w.media("image", f"{base}-user", a, rng)}, {"text": q(_IMAGE_QUESTIONS)}]),
                  ("assistant", [{"text": describe("image", a)}])]
     elif kind == "text_to_music":
         a = choose("music")
         cap = describe("music", a)
         turns = [("user", [{"text": q(_MUSIC_REQUESTS).format(c=cap)}]),
-                 ("assistant", [{"text": f"here is {cap}"}, {"music": w.music(f"{base}-answer.wav", a, rng)}])]
+                 ("assistant", [{"text": f"here is {cap}"}, {"music": w.media("music", f"{base}-answer", a, rng)}])]
     elif kind == "speech_echo":
         a = choose("speech")
         sentence = describe("speech", a)
         reply = f"you said {sentence}"
-        turns = [("user", [{"speech": w.speech(f"{base}-user.wav", sentence, rng)}]),
+        turns = [("user", [{"speech": w.speak(f"{base}-user", sentence, rng)}]),
                  ("assistant", [ins, {"text": sentence}, res, {"text": reply},
-                                {"speech": w.speech(f"{base}-answer.wav", reply, None)}])]
+                                {"speech": w.speak(f"{base}-answer", reply, None)}])]
     elif kind == "music_question":
         a = choose("music")
-        turns = [("user", [{"music": w.music(f"{base}-user.wav", a, rng)}, {"text": q(_MUSIC_QUESTIONS)}]),
+        turns = [("user", [{"music": w.media("music", f"{base}-user", a, rng)}, {"text": q(_MUSIC_QUESTIONS)}]),
                  ("assistant", [{"text": describe("music", a)}])]
     elif kind == "image_two_turns":
         b = choose("image")  # what the assistant draws (a held-out combination in test dialogues)
@@ -462,11 +538,11 @@ def _conversation(kind: str, idx: int, split: str, w: _Writer, rng: np.random.Ge
                   and c["position"] != b["position"]]
         a = firsts[int(rng.integers(len(firsts)))]  # what the user shows: always a training combination
         where = POSITION_PHRASE[b["position"]]
-        turns = [("user", [{"image": w.image(f"{base}-user.png", a, rng)}, {"text": q(_IMAGE_QUESTIONS)}]),
+        turns = [("user", [{"image": w.media("image", f"{base}-user", a, rng)}, {"text": q(_IMAGE_QUESTIONS)}]),
                  ("assistant", [{"text": describe("image", a)}]),
                  ("user", [{"text": f"now draw it {where}"}]),
                  ("assistant", [{"text": f"here is {describe('image', b)}"},
-                                {"image": w.image(f"{base}-answer.png", b, rng)}])]
+                                {"image": w.media("image", f"{base}-answer", b, rng)}])]
     else:
         raise ValueError(f"unknown conversation kind {kind!r}")
     return {"id": f"conv-{split}-{idx:05d}", "conversation": [{"role": r, "content": c} for r, c in turns]}
@@ -514,11 +590,14 @@ def make_corpus(out_dir: str | os.PathLike, n_per_modality: int | None = None, s
     timings: dict[str, float] = {}
     novel_ids: dict[str, list[str]] = {}
 
+    modalities = demo_modalities()
     n_workers = max(1, int(workers if workers is not None else min(4, os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory(prefix="anygpt-corpus-") as tmp, \
             ThreadPoolExecutor(max_workers=n_workers) as pool:
-        w = _Writer(out, image_size, music_seconds, tmp, speech_variety)
-        for modality in MODALITIES:
+        style = _Style(image_size=image_size, music_seconds=music_seconds, speech_variety=speech_variety,
+                       tmp_dir=tmp)
+        w = _Writer(out, style)
+        for modality in modalities:
             t0 = time.perf_counter()
             held, seen = held_out_combinations(modality), train_combinations(modality)
             nt = int(n_test if n_test is not None else max(2 * len(held), n // 4))
@@ -533,8 +612,8 @@ def make_corpus(out_dir: str | os.PathLike, n_per_modality: int | None = None, s
             def make_item(item: tuple[str, int, dict[str, str]], modality: str = modality) -> tuple[str, dict]:
                 split, i, combo = item
                 name = f"{modality}-{split.replace('_', '-')}-{i:05d}"
-                rel = f"{modality}/{split.split('_')[0]}/{name}.{_EXT[modality]}"
-                w.media(modality, rel, combo, _rng(seed, modality, split, i))
+                rel = w.media(modality, f"{modality}/{split.split('_')[0]}/{name}", combo,
+                              _rng(seed, modality, split, i))
                 return split, {"id": name, "text": describe(modality, combo), modality: rel}
 
             for split, row in tqdm(pool.map(make_item, plan), total=len(plan), desc=f"corpus {modality}",
@@ -550,8 +629,8 @@ def make_corpus(out_dir: str | os.PathLike, n_per_modality: int | None = None, s
             timings[modality] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        train_pick = {m: train_combinations(m) for m in MODALITIES}
-        test_pick = {m: held_out_combinations(m) for m in MODALITIES}
+        train_pick = {m: train_combinations(m) for m in modalities}
+        test_pick = {m: held_out_combinations(m) for m in modalities}
         n_conv_test = max(len(CONVERSATION_KINDS), n_conv // 4) if n_conv else 0
         conv_plan = ([("train", i) for i in range(n_conv)] + [("test", i) for i in range(n_conv_test)])
         conv_rows: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
@@ -572,33 +651,18 @@ def make_corpus(out_dir: str | os.PathLike, n_per_modality: int | None = None, s
         counts["conversations"] = {"train": len(conv_rows["train"]), "test": len(conv_rows["test"])}
         timings["conversations"] = time.perf_counter() - t0
 
-    held_out = {m: held_out_combinations(m) for m in MODALITIES}
+    held_out = {m: held_out_combinations(m) for m in modalities}
     summary = {
         "version": 1,
         "seed": int(seed),
         "quick": bool(quick),
         "grammar": grammar_summary(),
         "held_out_rules": {
-            "image": "for shape index i and colour index j, position index (i + j) % 4 is held out",
-            "speech": "for shape index i and colour index j, number index (i + j) % 5 is held out",
-            "music": "the triples (slow, major, flute), (fast, minor, organ), (fast, major, plucked) are held out",
+            **{m: grammar(m).held_out_rule for m in modalities},
             "note": "every single attribute value and every pair of values still occurs in training",
         },
         "held_out": held_out,
-        "media": {
-            "image": {"format": "png", "size": [image_size, image_size], "mode": "RGB"},
-            "speech": {"format": "wav", "sample_rate": SPEECH_SAMPLE_RATE, "channels": 1, "tts": "espeak-ng",
-                       "variety": speech_variety,
-                       "voices": ([list(CANONICAL_VOICE)] if speech_variety == "none" else
-                                  [list(v) for v in FEW_VOICES] if speech_variety == "few" else
-                                  {"voices": list(VOICES), "speed_wpm": list(SPEED_RANGE),
-                                   "pitch": list(PITCH_RANGE)}),
-                       "assistant_voice": list(CANONICAL_VOICE)},
-            "music": {"format": "wav", "sample_rate": MUSIC_SAMPLE_RATE, "channels": 1, "seconds": music_seconds,
-                      "notes_per_second": {k: round(1 / v, 3) for k, v in _NOTE_SECONDS.items()},
-                      "sounding_fraction": dict(_SOUNDING),
-                      "tonic_hz": _TONIC_HZ},
-        },
+        "media": {m: _medium(m).summary(style, _suffix(m).lstrip(".")) for m in modalities},
         "counts": counts,
         "manifests": {k: v.name for k, v in manifests.items()},
         "test_novel_ids": novel_ids,

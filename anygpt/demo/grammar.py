@@ -1,8 +1,8 @@
 """The grammar of the synthetic any-to-any corpus: attribute values, captions, held-out combinations.
 
-Pure Python (no NumPy, no Pillow) so that evaluation can parse captions back into attributes without
-importing anything heavy.  One table per modality drives everything: the corpus generator draws
-attribute combinations from it, :func:`describe` turns a combination into the caption / transcript the
+Light to import (no Pillow, no audio libraries).  One :class:`Grammar` per modality drives everything
+(the demo's modalities are the registered ones that have one, :func:`demo_modalities`): the corpus
+generator draws attribute combinations from it, :func:`describe` turns a combination into the caption / transcript the
 model must produce, :func:`parse_attributes` turns any text (a model's output included) back into the
 attributes it names, and :func:`held_out_combinations` says which combinations never occur in training.
 
@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import itertools
 import re
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
-MODALITIES = ("image", "speech", "music")
+from anygpt import modalities as registry
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow")
@@ -38,21 +39,73 @@ TEMPOS = ("slow", "fast")
 SCALES = ("major", "minor")
 TIMBRES = ("flute", "organ", "plucked")
 
-# Attribute names in caption order, per modality.
-_ATTRIBUTES: dict[str, dict[str, tuple[str, ...]]] = {
-    "image": {"shape": SHAPES, "colour": COLOURS, "position": POSITIONS},
-    "speech": {"number": NUMBERS, "colour": COLOURS, "shape": SHAPES},
-    "music": {"tempo": TEMPOS, "scale": SCALES, "timbre": TIMBRES},
-}
-
 POSITION_PHRASE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 _TIMBRE_PHRASE = {"flute": "a flute", "organ": "an organ", "plucked": "plucked strings"}
 
-TEMPLATES = {
-    "image": "a {colour} {shape} {position_phrase}",
-    "speech": "{number} {colour} {shape}(s)",
-    "music": "a {tempo} melody in a {scale} key on {timbre_phrase}",
-}
+
+@dataclass(frozen=True)
+class Grammar:
+    """One modality's part of the synthetic task.  Demo content, not a fact about the modality: the
+    demo runs on every registered modality that has one of these (:func:`demo_modalities`).
+
+    Attributes:
+        modality: the registered modality it is for.
+        attributes: attribute name -> its values, in caption order.
+        template: the caption's shape, for people (``corpus.json``).
+        caption: a combination -> its canonical caption / sentence.
+        held_out: the combinations that never occur in training (any order).
+        held_out_rule: the rule behind ``held_out``, in words (``corpus.json``).
+        codec_clusters: k-means clusters per codebook of the demo's fitted tiny codec.  Few codes per
+            codebook: a small corpus teaches a tiny LM recurring codes, not thousands of rare ones
+            (images get more: one codebook serves all 32 query slots of a span).
+    """
+
+    modality: str
+    attributes: dict[str, tuple[str, ...]]
+    template: str
+    caption: Callable[[Mapping[str, str]], str]
+    held_out: Callable[[], list[dict[str, str]]]
+    held_out_rule: str
+    codec_clusters: int
+
+
+def _rotating_held_out(varied: str, values: tuple[str, ...]) -> Callable[[], list[dict[str, str]]]:
+    """For shape index ``i`` and colour index ``j``, the value of ``varied`` with index ``(i + j) % n``."""
+    def held() -> list[dict[str, str]]:
+        return [{"shape": s, "colour": c, varied: values[(i + j) % len(values)]}
+                for i, s in enumerate(SHAPES) for j, c in enumerate(COLOURS)]
+    return held
+
+
+_IMAGE = Grammar(
+    modality="image",
+    attributes={"shape": SHAPES, "colour": COLOURS, "position": POSITIONS},
+    template="a {colour} {shape} {position_phrase}",
+    caption=lambda a: f"a {a['colour']} {a['shape']} {POSITION_PHRASE[a['position']]}",
+    held_out=_rotating_held_out("position", POSITIONS),
+    held_out_rule="for shape index i and colour index j, position index (i + j) % 4 is held out",
+    codec_clusters=128,
+)
+_SPEECH = Grammar(
+    modality="speech",
+    attributes={"number": NUMBERS, "colour": COLOURS, "shape": SHAPES},
+    template="{number} {colour} {shape}(s)",
+    caption=lambda a: f"{a['number']} {a['colour']} {a['shape']}{'' if a['number'] == 'one' else 's'}",
+    held_out=_rotating_held_out("number", NUMBERS),
+    held_out_rule="for shape index i and colour index j, number index (i + j) % 5 is held out",
+    codec_clusters=64,
+)
+_MUSIC_HELD_OUT = (("slow", "major", "flute"), ("fast", "minor", "organ"), ("fast", "major", "plucked"))
+_MUSIC = Grammar(
+    modality="music",
+    attributes={"tempo": TEMPOS, "scale": SCALES, "timbre": TIMBRES},
+    template="a {tempo} melody in a {scale} key on {timbre_phrase}",
+    caption=lambda a: f"a {a['tempo']} melody in a {a['scale']} key on {_TIMBRE_PHRASE[a['timbre']]}",
+    held_out=lambda: [dict(zip(("tempo", "scale", "timbre"), t)) for t in _MUSIC_HELD_OUT],
+    held_out_rule="the triples (slow, major, flute), (fast, minor, organ), (fast, major, plucked) are held out",
+    codec_clusters=64,
+)
+GRAMMARS: dict[str, Grammar] = {g.modality: g for g in (_IMAGE, _SPEECH, _MUSIC)}
 
 # Words (after lower-casing and stripping punctuation) that name each attribute value.  Synonyms and
 # inflections make parsing robust to a model that says "squares", "colour" vs "color" words, digits.
@@ -74,18 +127,22 @@ _SYNONYMS: dict[str, dict[str, tuple[str, ...]]] = {
 # "a"/"an" only count as the number one when nothing better is present (see parse_attributes).
 _WEAK = {("number", "a"), ("number", "an")}
 
-_MUSIC_HELD_OUT = (("slow", "major", "flute"), ("fast", "minor", "organ"), ("fast", "major", "plucked"))
+
+def demo_modalities() -> tuple[str, ...]:
+    """The demo's modalities: the registered ones this grammar has content for, in registry order."""
+    return tuple(m for m in registry.names() if m in GRAMMARS)
 
 
-def _check_modality(modality: str) -> None:
-    if modality not in _ATTRIBUTES:
-        raise ValueError(f"unknown synthetic modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+def grammar(modality: str) -> Grammar:
+    """The grammar of one demo modality; ``ValueError`` naming the demo's modalities otherwise."""
+    if modality not in GRAMMARS:
+        raise ValueError(f"unknown synthetic modality {modality!r}; expected one of {', '.join(demo_modalities())}")
+    return GRAMMARS[modality]
 
 
 def attribute_values(modality: str) -> dict[str, list[str]]:
     """Attribute name -> its possible values, in caption order (e.g. image: shape, colour, position)."""
-    _check_modality(modality)
-    return {name: list(values) for name, values in _ATTRIBUTES[modality].items()}
+    return {name: list(values) for name, values in grammar(modality).attributes.items()}
 
 
 def all_combinations(modality: str) -> list[dict[str, str]]:
@@ -96,27 +153,16 @@ def all_combinations(modality: str) -> list[dict[str, str]]:
 
 
 def held_out_combinations(modality: str) -> list[dict[str, str]]:
-    """Combinations that never occur in training (rules in the module docstring)."""
-    _check_modality(modality)
-    held = []
-    if modality == "image":
-        for i, shape in enumerate(SHAPES):
-            for j, colour in enumerate(COLOURS):
-                held.append({"shape": shape, "colour": colour, "position": POSITIONS[(i + j) % len(POSITIONS)]})
-    elif modality == "speech":
-        for i, shape in enumerate(SHAPES):
-            for j, colour in enumerate(COLOURS):
-                held.append({"number": NUMBERS[(i + j) % len(NUMBERS)], "colour": colour, "shape": shape})
-        held = [{k: h[k] for k in _ATTRIBUTES["speech"]} for h in held]
-    else:
-        held = [dict(zip(_ATTRIBUTES["music"], t)) for t in _MUSIC_HELD_OUT]
-    order = {tuple(c.values()): n for n, c in enumerate(all_combinations(modality))}
-    return sorted(held, key=lambda c: order[tuple(c[k] for k in _ATTRIBUTES[modality])])
+    """Combinations that never occur in training (rules in the module docstring), in the order of
+    :func:`all_combinations`, each with its attributes in caption order."""
+    names = list(grammar(modality).attributes)
+    held = {tuple(h[k] for k in names) for h in grammar(modality).held_out()}
+    return [c for c in all_combinations(modality) if tuple(c.values()) in held]
 
 
 def is_held_out(modality: str, attrs: Mapping[str, str]) -> bool:
     """Whether a combination is one of the held-out (test-only) ones."""
-    key = tuple(attrs.get(k) for k in _ATTRIBUTES[modality])
+    key = tuple(attrs.get(k) for k in grammar(modality).attributes)
     return any(key == tuple(h.values()) for h in held_out_combinations(modality))
 
 
@@ -127,16 +173,11 @@ def train_combinations(modality: str) -> list[dict[str, str]]:
 
 def describe(modality: str, attrs: Mapping[str, str]) -> str:
     """The canonical caption (image, music) or sentence (speech) for a combination."""
-    _check_modality(modality)
-    for name, values in _ATTRIBUTES[modality].items():
+    g = grammar(modality)
+    for name, values in g.attributes.items():
         if attrs.get(name) not in values:
             raise ValueError(f"{modality}: attribute {name}={attrs.get(name)!r} not in {list(values)}")
-    if modality == "image":
-        return f"a {attrs['colour']} {attrs['shape']} {POSITION_PHRASE[attrs['position']]}"
-    if modality == "speech":
-        plural = "" if attrs["number"] == "one" else "s"
-        return f"{attrs['number']} {attrs['colour']} {attrs['shape']}{plural}"
-    return f"a {attrs['tempo']} melody in a {attrs['scale']} key on {_TIMBRE_PHRASE[attrs['timbre']]}"
+    return g.caption(attrs)
 
 
 def words(text: str) -> list[str]:
@@ -152,10 +193,9 @@ def parse_attributes(modality: str, text: str) -> dict[str, str]:
     judged on what it said first).  For speech the number "one" may also be said as "a"/"an", which only
     counts when no other number word is present.
     """
-    _check_modality(modality)
     toks = words(text)
     out: dict[str, str] = {}
-    for name in _ATTRIBUTES[modality]:
+    for name in grammar(modality).attributes:
         lookup = {w: value for value, ws in _SYNONYMS[name].items() for w in ws}
         strong = [(pos, lookup[t]) for pos, t in enumerate(toks) if t in lookup and (name, t) not in _WEAK]
         weak = [(pos, lookup[t]) for pos, t in enumerate(toks) if t in lookup and (name, t) in _WEAK]
@@ -170,10 +210,10 @@ def grammar_summary() -> dict:
     return {
         m: {
             "attributes": attribute_values(m),
-            "template": TEMPLATES[m],
+            "template": grammar(m).template,
             "example": describe(m, all_combinations(m)[0]),
             "num_combinations": len(all_combinations(m)),
             "held_out": held_out_combinations(m),
         }
-        for m in MODALITIES
+        for m in demo_modalities()
     }

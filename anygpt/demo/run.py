@@ -11,25 +11,48 @@ Steps (each one is the real component a user runs on real data, at tiny size):
 6. stage 2     instruction tuning on conversations (+ pairs), from the stage-1 export;
 7. export      Hugging Face model dir with tokenizer, layout, cards and the fitted codecs;
 8. soundstorm  a tiny SoundStorm decoder trained on the speech shards (renders layers 2-8);
-9. eval        every direction on held-out items against its chance level (:mod:`anygpt.eval`);
+9. eval        every direction on held-out items against its chance level (:mod:`anygpt.demo.evaluate`,
+               with eval's metrics); ``eval_suite.json`` names its scorer for ``anygpt eval --demo DIR``;
 10. report     ``report.json`` / ``report.md``, loss curves, a few rendered outputs.
+
+The demo's modalities are the registered ones its grammar has content for
+(:func:`anygpt.demo.grammar.demo_modalities`, registry order); everything per modality -- k-means
+clusters of the fitted codec, renderings, file suffixes (the plugins') -- comes from that content or
+from the plugin.
 
 Why these sizes: the README promises ~10 minutes on 2 cores; ``--quick`` is the CI version (a
 smaller corpus, fewer steps) that checks the report's structure and the easiest directions.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-MODALITIES = ("image", "speech", "music")
+import yaml
+
+from anygpt import modalities as registry
+from anygpt.decoders.soundstorm import SoundStormConfig
+from anygpt.decoders.train_soundstorm import train_soundstorm
+from anygpt.demo.corpus import make_corpus
+from anygpt.demo.evaluate import score_demo, summary_table, write_eval_suite
+from anygpt.demo.grammar import demo_modalities, grammar
+from anygpt.formats.templates import DEFAULT_SYSTEM_PROMPT, INSTRUCTIONS
+from anygpt.infer.loading import load_lm
+from anygpt.infer.mediaio import MediaIO, resolve_codecs, resolve_soundstorm
+from anygpt.infer.settings import GenerationConfig
+from anygpt.infer.tasks import run_tasks
+from anygpt.modalities.fit import fit_codec
+from anygpt.text_tokenizer import prepare_tokenizer, train_tiny_tokenizer
+from anygpt.train.export import export_checkpoint
+from data_pipeline.options import PreprocessOptions
+from data_pipeline.runner import run_preprocess
 
 
 @dataclass
@@ -38,8 +61,6 @@ class DemoSettings:
 
     n_train: int | None = None  # per modality; None = the corpus default (320)
     n_test: int | None = None
-    # Few codes per codebook: a small corpus teaches a tiny LM recurring codes, not thousands of rare ones.
-    clusters: dict[str, int] = field(default_factory=lambda: {"image": 128, "speech": 64, "music": 64})
     kmeans_iters: int = 10
     # Measured on 2 cores: a step of 2 ranks x 4 rows x 512 tokens takes ~0.5 s (stage 2: ~0.65 s),
     # most of it in the 18k-row LM head (the layout's modality ranges) even though the trainer runs
@@ -83,8 +104,6 @@ class Step:
 
 def corpus_texts(corpus_dir: Path) -> list[str]:
     """Every caption/transcript/turn text in the corpus (to train the tiny tokenizer on)."""
-    from anygpt.formats.templates import DEFAULT_SYSTEM_PROMPT, INSTRUCTIONS
-
     texts = [DEFAULT_SYSTEM_PROMPT, "This is input:"] + [s for pool in INSTRUCTIONS.values() for s in pool]
     for path in sorted(corpus_dir.glob("*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -97,6 +116,7 @@ def corpus_texts(corpus_dir: Path) -> list[str]:
 
 
 def manifest_media(manifest: Path, modality: str) -> list[Path]:
+    """The media files of a manifest's rows (paths are relative to the manifest)."""
     rows = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [manifest.parent / r[modality] for r in rows]
 
@@ -119,13 +139,12 @@ def run_subprocess(argv: list[str], log_path: Path) -> None:
 
 
 def make_codecs(corpus_dir: Path, codecs_dir: Path, settings: DemoSettings) -> dict[str, Any]:
-    """Fit each tiny codec on the training media; return codebook usage per modality."""
-    from anygpt.modalities.fit import fit_codec
-
+    """Fit each demo modality's tiny codec on the training media (k-means clusters per codebook from
+    the modality's demo content); return codebook usage per modality."""
     usage = {}
-    for m in MODALITIES:
+    for m in demo_modalities():
         _, report = fit_codec(m, manifest_media(corpus_dir / f"train_{m}.jsonl", m), codecs_dir / m,
-                              iters=settings.kmeans_iters, max_clusters=settings.clusters[m])
+                              iters=settings.kmeans_iters, max_clusters=grammar(m).codec_clusters)
         print("   " + report.summary().replace("\n", "\n   "), flush=True)
         usage[m] = report.to_dict()
     return usage
@@ -133,14 +152,10 @@ def make_codecs(corpus_dir: Path, codecs_dir: Path, settings: DemoSettings) -> d
 
 def make_shards(corpus_dir: Path, codecs_dir: Path, shards_dir: Path) -> dict[str, Any]:
     """Preprocess every manifest with the real data pipeline; return its stats per manifest."""
-    from data_pipeline.options import PreprocessOptions
-    from data_pipeline.runner import run_preprocess
-    from anygpt.modalities import load_codecs
-
-    codecs = load_codecs(codecs_dir)
+    codecs = registry.load_codecs(codecs_dir)
     stats = {}
     for split in ("train", "test"):
-        for m in (*MODALITIES, "conversations"):
+        for m in (*demo_modalities(), "conversations"):
             manifest = corpus_dir / f"{split}_{m}.jsonl"
             if not manifest.is_file():
                 continue
@@ -157,8 +172,6 @@ def stage_config(out: Path, name: str, model: str, tokenizer: Path | None, codec
                  sources: list[dict], eval_shards: str, loss: str, steps: int, settings: DemoSettings,
                  lr: float) -> Path:
     """Write a stage YAML in the same schema as ``launch/configs/*.yaml`` (re-runnable by hand)."""
-    import yaml
-
     cfg = {
         "run": {"dir": str(out / "runs" / name), "max_steps": steps, "save_every": steps, "log_every": 20,
                 "eval_every": 0, "eval_max_batches": 8, "seed": 0, "keep_last": 1, "tensorboard": True,
@@ -179,27 +192,22 @@ def stage_config(out: Path, name: str, model: str, tokenizer: Path | None, codec
 
 
 def train_stage(config: Path, settings: DemoSettings, log: Path) -> None:
+    """One training stage in its own process (``anygpt train``, DeepSpeed ranks), logged to ``log``."""
     argv = [sys.executable, "-m", "anygpt.cli", "train", "--config", str(config), "--nproc", str(settings.nproc)]
     run_subprocess(argv, log)
 
 
 def render_samples(model_dir: Path, corpus_dir: Path, out_dir: Path) -> list[dict]:
-    """A few rendered outputs (png / wav) from the exported model, through the task runner."""
-    import io
-
-    from anygpt.infer.loading import load_lm
-    from anygpt.infer.mediaio import MediaIO, resolve_codecs, resolve_soundstorm
-    from anygpt.infer.settings import GenerationConfig
-    from anygpt.infer.tasks import run_tasks
-
+    """A few rendered outputs (one per direction and demo modality) from the exported model, through
+    the task runner; files take the plugins' output suffixes."""
     lm = load_lm(model_dir)
     codecs = resolve_codecs(None, model_dir)
     media = MediaIO(lm.layout, codecs, resolve_soundstorm(None, model_dir, codecs), lm.device,
                     image_options={"steps": 2, "seed": 0}, speech_seed=0)
     first = {m: json.loads((corpus_dir / f"test_{m}.jsonl").read_text(encoding="utf-8").splitlines()[0])
-             for m in MODALITIES}
-    tasks = [f"text|{m}|{first[m]['text']}" for m in MODALITIES]
-    tasks += [f"{m}|text|{corpus_dir / first[m][m]}" for m in MODALITIES]
+             for m in demo_modalities()}
+    tasks = [f"text|{m}|{first[m]['text']}" for m in first]
+    tasks += [f"{m}|text|{corpus_dir / first[m][m]}" for m in first]
     results = run_tasks(lm, media, tasks, GenerationConfig(max_new_tokens=512, seed=0).with_greedy(), out_dir,
                         out=io.StringIO(), stream=False)
     return [r.to_dict() for r in results]
@@ -207,8 +215,6 @@ def render_samples(model_dir: Path, corpus_dir: Path, out_dir: Path) -> list[dic
 
 def write_report(out: Path, report: dict) -> None:
     """``report.json`` (machine-readable) and ``report.md`` (for people), next to each other."""
-    from anygpt.eval.run import summary_table
-
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
     lines = ["# anygpt demo report", "", f"Total time: {report['seconds']:.0f} s on {report['machine']['cpus']} CPU cores.",
              "", "## Held-out scores (every direction, chance level beside it)", "", "```",
@@ -229,15 +235,6 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
              settings: DemoSettings | None = None) -> dict:
     """Run the whole pipeline into ``out``; returns the report (also written as report.json/.md).
     ``settings`` replaces the full / ``quick`` sizes (experiments, tests)."""
-    from anygpt.demo.corpus import make_corpus
-    from anygpt.decoders.soundstorm import SoundStormConfig
-    from anygpt.decoders.train_soundstorm import train_soundstorm
-    from anygpt.eval.run import evaluate_synthetic, summary_table
-    from anygpt.infer.loading import load_lm
-    from anygpt.modalities import load_codecs
-    from anygpt.text_tokenizer import prepare_tokenizer, train_tiny_tokenizer
-    from anygpt.train.export import export_checkpoint
-
     out = Path(out).resolve()
     if (out / "report.json").exists() or (out / "runs").exists():
         raise ValueError(f"{out}: holds an earlier demo; choose a new --out directory")
@@ -247,6 +244,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     corpus, codecs_dir, shards = out / "corpus", out / "codecs", out / "shards"
+    modalities = demo_modalities()
 
     with Step(timings, "corpus", "synthetic speech (espeak-ng), images (Pillow), music (NumPy), conversations"):
         # One voice: the tiny random speech codec is not voice-invariant (a real SpeechTokenizer is).
@@ -254,14 +252,14 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
                     speech_variety="none", progress=False)
     with Step(timings, "tokenizer", "tiny SentencePiece tokenizer + layout tokens"):
         train_tiny_tokenizer(corpus_texts(corpus), out / "tokenizer_raw", vocab_size=600)
-        prepare_tokenizer(out / "tokenizer_raw", out / "tokenizer")
+        prepare_tokenizer(out / "tokenizer_raw", out / "tokenizer", modalities=modalities)
     with Step(timings, "codecs", "fit tiny codec codebooks by k-means on the training media"):
         usage = make_codecs(corpus, codecs_dir, settings)
     with Step(timings, "shards", "data_pipeline: manifests -> WebDataset shards"):
         shard_stats = make_shards(corpus, codecs_dir, shards)
 
     pairs = [{"name": m, "shards": str(shards / f"train_{m}" / "*.tar"), "weight": 1.0, "kind": "pretrain",
-              "x2text_prob": 0.5} for m in MODALITIES]
+              "x2text_prob": 0.5} for m in modalities]
     eval_shards = str(shards / "test_*" / "*.tar")
     with Step(timings, "stage1", f"pretraining, DeepSpeed ZeRO-3 on {nproc} CPU ranks, {settings.stage1_steps} steps"):
         cfg1 = stage_config(out, "stage1", settings.model, out / "tokenizer", codecs_dir, pairs, eval_shards,
@@ -277,13 +275,21 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
     model_dir = out / "model"
     with Step(timings, "export", "consolidate ZeRO-3 shards into a Hugging Face model directory"):
         export_checkpoint(out / "runs" / "stage2", model_dir)
-    with Step(timings, "soundstorm", f"speech decoder for RVQ layers 2-8, {settings.soundstorm_steps} steps"):
-        train_soundstorm([str(p) for p in sorted((shards / "train_speech").glob("*.tar"))], model_dir / "soundstorm",
-                         steps=settings.soundstorm_steps, batch_size=8, lr=1e-3, seed=seed, device="cpu",
-                         config=SoundStormConfig.tiny(), max_frames=200, progress=False)
+    # The acoustic decoder (SoundStorm: RVQ layers 2-8 from the LM's layer 1) serves the modality whose
+    # plugin takes an acoustic prompt; it trains on that modality's shards.
+    acoustic = [m for m in modalities if registry.get(m).acoustic_prompt]
+    if acoustic:
+        with Step(timings, "soundstorm", f"{'/'.join(acoustic)} decoder for RVQ layers 2-8, "
+                                         f"{settings.soundstorm_steps} steps"):
+            train_soundstorm([str(p) for m in acoustic for p in sorted((shards / f"train_{m}").glob("*.tar"))],
+                             model_dir / "soundstorm", steps=settings.soundstorm_steps, batch_size=8, lr=1e-3,
+                             seed=seed, device="cpu", config=SoundStormConfig.tiny(), max_frames=200,
+                             progress=False)
     with Step(timings, "eval", f"every direction on {settings.eval_items} held-out items"):
+        write_eval_suite(out)
         lm = load_lm(model_dir)
-        directions = evaluate_synthetic(lm, load_codecs(model_dir / "codecs"), shards, n_items=settings.eval_items)
+        directions, table = score_demo(lm, registry.load_codecs(model_dir / "codecs"), out,
+                                       n_items=settings.eval_items)
     with Step(timings, "render", "a few outputs as png / wav"):
         samples = render_samples(model_dir, corpus, out / "samples")
 
@@ -302,7 +308,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
                   "runs": str(out / "runs"), "model": str(model_dir), "samples": str(out / "samples")},
     }
     write_report(out, report)
-    print("\n" + summary_table(directions))
+    print("\n" + table)
     print(f"\n[demo] finished in {report['seconds']:.0f}s. Report: {out / 'report.md'} (+ report.json)")
     for name, path in report["paths"].items():
         print(f"[demo] {name:<8} {path}")

@@ -1,26 +1,20 @@
-"""Metrics for the synthetic demo task (with their chance levels) and for real data (WER, BLEU).
+"""Evaluation metrics that any evaluator imports: text normalisation, WER, BLEU, and judges of codes.
+
+This module depends on nothing else in the project (NumPy at module level; jiwer and scikit-learn
+inside the functions that need them), so the real-data harness (:mod:`anygpt.eval.real`), the demo's
+synthetic task (:mod:`anygpt.demo.scoring`, :mod:`anygpt.demo.evaluate`) and any other caller can use
+it without importing each other.
+
+- Text: :func:`normalize_text`, :func:`edit_distance`, :func:`asr_wer` (jiwer on normalised text),
+  :func:`bleu` / :func:`caption_metrics` (corpus BLEU-1..4, own implementation, plus exact match).
+- Codes (text->X answers cannot be parsed back, so their codes are compared with the codes of reference
+  media encoded by the same codec): :func:`code_features` (bag-of-codes histograms),
+  :func:`nearest_reference_accuracy` (the nearest reference wins and its attributes are the prediction;
+  chance is what a uniformly random pick among the candidates would score, computed from the candidates
+  themselves) and :func:`classifier_attribute_accuracy` (a small logistic regression per attribute).
 
 Why chance levels everywhere: "the model learned" is only a claim when a score is compared with what a
-model that ignores its input would get.  For the synthetic corpus the grammar is known
-(:mod:`anygpt.demo.grammar`), so chance is computed exactly instead of estimated:
-
-- X->text (:func:`attribute_accuracy`): the generated caption / transcript is parsed back into attributes.
-  A uniform guess over each attribute's values is right with probability ``1/|values|``; an exact match
-  (every attribute right) by chance has probability ``prod(1/|values|)``.  The headline ``score`` is the
-  mean attribute accuracy (its chance is the mean of ``1/|values|``): exact match on held-out
-  combinations is harsh for a tiny model, and the per-attribute view shows *what* it learned.
-- text->X (:func:`nearest_reference_accuracy`): generated codes cannot be parsed, so they are compared with
-  the codes of reference renderings (``anygpt.demo.corpus.render_reference`` encoded by the same codec):
-  the nearest reference wins, and its attributes are the prediction.  Chance is what a uniformly random
-  pick among the candidates would score, computed from the candidates themselves.
-  :func:`classifier_attribute_accuracy` is the alternative judge: a small logistic regression per attribute
-  trained on codes of many reference renderings.
-
-Real-data harness: :func:`asr_wer` (jiwer on normalised text) and :func:`caption_metrics` (corpus BLEU-1..4,
-own implementation, plus exact match).
-
-Only NumPy and the pure-Python grammar are imported at module level; jiwer and scikit-learn are imported
-inside the functions that need them.
+model that ignores its input would get, so every judge reports its chance beside its score.
 """
 from __future__ import annotations
 
@@ -31,10 +25,8 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 
-from anygpt.demo.grammar import all_combinations, attribute_values, describe, parse_attributes
-
 __all__ = [
-    "normalize_text", "chance_levels", "attribute_accuracy", "code_features", "nearest_reference_accuracy",
+    "normalize_text", "edit_distance", "check_lengths", "code_features", "nearest_reference_accuracy",
     "classifier_attribute_accuracy", "asr_wer", "caption_metrics", "bleu",
 ]
 
@@ -54,7 +46,8 @@ def normalize_text(text: str) -> str:
     return " ".join(t.split())
 
 
-def _edit_distance(a: Sequence[str], b: Sequence[str]) -> int:
+def edit_distance(a: Sequence[str], b: Sequence[str]) -> int:
+    """Levenshtein distance between two token sequences (insertions, deletions, substitutions)."""
     prev = list(range(len(b) + 1))
     for i, x in enumerate(a, 1):
         cur = [i] + [0] * len(b)
@@ -64,83 +57,10 @@ def _edit_distance(a: Sequence[str], b: Sequence[str]) -> int:
     return prev[-1]
 
 
-def _check_lengths(a: Sequence, b: Sequence, what: str) -> None:
+def check_lengths(a: Sequence, b: Sequence, what: str) -> None:
+    """``ValueError`` naming ``what`` unless predictions and references pair up one to one."""
     if len(a) != len(b):
         raise ValueError(f"{what}: {len(a)} predictions but {len(b)} references")
-
-
-# ------------------------------------------------------------------------------------------- X->text
-
-
-def chance_levels(modality: str) -> dict[str, Any]:
-    """Chance of a uniform guess over each attribute's values: per attribute, mean, and exact (product)."""
-    values = attribute_values(modality)
-    per = {name: 1.0 / len(v) for name, v in values.items()}
-    return {"chance_per_attribute": per, "chance_mean_attribute": float(np.mean(list(per.values()))),
-            "chance_exact": float(np.prod(list(per.values())))}
-
-
-def _chance_wer(modality: str, references: Sequence[str]) -> float:
-    """Expected corpus WER of a uniformly random grammatical sentence (exact, by enumeration)."""
-    sentences = [normalize_text(describe(modality, c)).split() for c in all_combinations(modality)]
-    errors, words = 0.0, 0
-    cache: dict[tuple[str, ...], float] = {}
-    for ref in references:
-        r = tuple(normalize_text(ref).split())
-        if not r:
-            continue
-        if r not in cache:
-            cache[r] = float(np.mean([_edit_distance(r, s) for s in sentences]))
-        errors += cache[r]
-        words += len(r)
-    return errors / words if words else float("nan")
-
-
-def attribute_accuracy(modality: str, predictions: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
-    """Score generated captions / transcripts against references by the attributes they name.
-
-    Both sides are parsed with :func:`anygpt.demo.grammar.parse_attributes`; an attribute the prediction
-    does not name counts as wrong (``unparsed`` counts predictions missing at least one).  Returns:
-
-    - ``n``; ``exact`` (all attributes right) and ``chance_exact``; ``exact_string`` (normalised strings
-      equal); ``per_attribute`` / ``chance_per_attribute``; ``mean_attribute`` / ``chance_mean_attribute``;
-    - ``score`` / ``chance``: the headline pair, = mean attribute accuracy and its chance;
-    - speech only: ``wer`` (jiwer, corpus level, on :func:`normalize_text` output) and ``chance_wer``
-      (expected WER of a uniformly random sentence of the grammar -- lower is better for WER).
-    """
-    _check_lengths(predictions, references, "attribute_accuracy")
-    names = list(attribute_values(modality))
-    chance = chance_levels(modality)
-    n = len(references)
-    hits = {a: 0 for a in names}
-    exact = exact_string = unparsed = 0
-    for pred, ref in zip(predictions, references):
-        p, r = parse_attributes(modality, pred), parse_attributes(modality, ref)
-        missing_ref = [a for a in names if a not in r]
-        if missing_ref:
-            raise ValueError(f"reference {ref!r} does not name {', '.join(missing_ref)} ({modality} grammar)")
-        ok = [p.get(a) == r[a] for a in names]
-        for a, good in zip(names, ok):
-            hits[a] += int(good)
-        exact += int(all(ok))
-        exact_string += int(normalize_text(pred) == normalize_text(ref))
-        unparsed += int(any(a not in p for a in names))
-    per = {a: hits[a] / n if n else float("nan") for a in names}
-    out: dict[str, Any] = {
-        "modality": modality,
-        "n": n,
-        "exact": exact / n if n else float("nan"),
-        "exact_string": exact_string / n if n else float("nan"),
-        "per_attribute": per,
-        "mean_attribute": float(np.mean(list(per.values()))) if n else float("nan"),
-        "unparsed": unparsed,
-        **chance,
-    }
-    out["score"], out["chance"] = out["mean_attribute"], chance["chance_mean_attribute"]
-    if modality == "speech" and n:
-        out["wer"] = asr_wer(list(predictions), list(references))["wer"]
-        out["chance_wer"] = _chance_wer(modality, references)
-    return out
 
 
 # ------------------------------------------------------------------------------------------- text->X
@@ -219,7 +139,7 @@ def nearest_reference_accuracy(
     - ``score`` / ``chance``: mean attribute accuracy when attributes are given, else accuracy.
     - ``predictions``: index of the nearest reference per item; ``empty``: empty generations.
     """
-    _check_lengths(generated, targets, "nearest_reference_accuracy")
+    check_lengths(generated, targets, "nearest_reference_accuracy")
     n, n_ref = len(generated), len(references)
     if n_ref == 0:
         raise ValueError("nearest_reference_accuracy: no references")
@@ -292,7 +212,7 @@ def classifier_attribute_accuracy(
 
     One multinomial logistic regression per attribute (scikit-learn, on :func:`code_features`) is trained
     on codes of many reference renderings (``train_codes`` with their ``train_attributes``: e.g. several
-    jittered ``render_reference`` variants per caption, encoded by the codec), then predicts the attributes
+    jittered renderings per caption, encoded by the codec), then predicts the attributes
     of each generation; ``generated_attributes`` are the attributes the caption asked for.  Why: with
     jittered renderings a single nearest neighbour is noisy, a classifier averages over variants.  Caveat:
     histograms are high-dimensional (``K·codebook_size``) and sparse, so with few training renderings the
@@ -304,7 +224,7 @@ def classifier_attribute_accuracy(
     """
     from sklearn.linear_model import LogisticRegression
 
-    _check_lengths(generated, generated_attributes, "classifier_attribute_accuracy")
+    check_lengths(generated, generated_attributes, "classifier_attribute_accuracy")
     if len(train_codes) != len(train_attributes) or not train_codes:
         raise ValueError("classifier_attribute_accuracy: need one attribute dict per training code array")
     arrays = [_as_2d(c) for c in list(train_codes) + list(generated)]
@@ -356,7 +276,7 @@ def asr_wer(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, Any]:
     """
     import jiwer
 
-    _check_lengths(hyps, refs, "asr_wer")
+    check_lengths(hyps, refs, "asr_wer")
     pairs = [(normalize_text(h), normalize_text(r)) for h, r in zip(hyps, refs)]
     kept = [(h, r) for h, r in pairs if r]
     out: dict[str, Any] = {"n": len(kept), "skipped_empty_refs": len(pairs) - len(kept)}
@@ -382,7 +302,7 @@ def bleu(hyps: Sequence[str], refs: Sequence[str | Sequence[str]], max_n: int = 
     mean of precisions 1..n (uniform weights); the effective reference length is the closest reference
     length per sentence (the shorter one on ties).  Several references per hypothesis are allowed.
     """
-    _check_lengths(hyps, refs, "bleu")
+    check_lengths(hyps, refs, "bleu")
     matches, totals = [0] * max_n, [0] * max_n
     hyp_len = ref_len = 0
     for h, r in zip(hyps, refs):
@@ -411,7 +331,7 @@ def caption_metrics(hyps: Sequence[str], refs: Sequence[str | Sequence[str]]) ->
 
     ``refs[i]`` is one reference string or a list of references for ``hyps[i]`` (exact match: equal to any).
     """
-    _check_lengths(hyps, refs, "caption_metrics")
+    check_lengths(hyps, refs, "caption_metrics")
     exact = 0
     for h, r in zip(hyps, refs):
         rs = [r] if isinstance(r, str) else list(r)
