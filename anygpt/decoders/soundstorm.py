@@ -1,31 +1,38 @@
-"""SoundStorm-style acoustic decoder: SpeechTokenizer layer-1 (semantic) ids -> all 8 RVQ layers.
+"""SoundStorm-style acoustic decoder: an RVQ codec's leading (LM) codebooks -> all its codebooks.
 
-The LM only generates RVQ layer 1 of SpeechTokenizer (semantic content, 50 Hz); the SpeechTokenizer
-decoder needs all 8 layers to render audio.  This module fills in layers 2-8 the way SoundStorm
-(arXiv 2305.09636) does, as AnyGPT did:
+The LM generates only the leading ``lm_codebooks`` codebooks of a speech codec (SpeechTokenizer: RVQ
+layer 1, the semantic content at 50 Hz; Mimi: its semantic codebook); the codec's decoder needs all
+of them to render audio.  This module fills in the rest the way SoundStorm (arXiv 2305.09636) does,
+as AnyGPT did.  Every count comes from the codec's card (:meth:`SoundStormConfig.from_card`):
+``num_quantizers`` = the card's ``num_codebooks``, ``codebook_size``, ``semantic_codebooks`` =
+``lm_codebooks`` (the condition), ``frame_rate``.
 
 - a conformer (rotary self-attention, depthwise-convolution module, macaron feed-forwards) runs over
-  *frames*; each frame's input is the sum of one embedding per acoustic RVQ layer (every layer has its
-  own table with a trailing mask token) plus the embedding of that frame's semantic id, so the decoder
-  is conditioned frame by frame on layer 1 and the sequence length stays T rather than 7*T;
-- one head per acoustic layer predicts that layer's codes;
+  *frames*; each frame's input is the sum of one embedding per acoustic codebook (every codebook has
+  its own table with a trailing mask token) plus one embedding per conditioning codebook, so the
+  decoder is conditioned frame by frame on the LM's codes and the sequence length stays T rather
+  than K*T;
+- one head per acoustic codebook predicts that codebook's codes;
 - training is MaskGIT-style: a random prompt cut (frames before it are given in full, which is what
-  teaches zero-shot voice continuation), a random acoustic layer q, a cosine-scheduled random subset of
-  q's non-prompt frames masked, every layer above q masked, layers below q given; cross-entropy on the
-  masked positions of layer q;
-- decoding is layer by layer, coarse to fine, with a few confidence-ranked parallel steps for layer 2
-  and (by default) a single greedy step for layers 3-8; a voice prompt's 8-layer codes are prepended
-  unmasked, so the output continues the prompt's voice.
+  teaches zero-shot voice continuation), a random acoustic codebook q, a cosine-scheduled random subset
+  of q's non-prompt frames masked, every codebook above q masked, codebooks below q given;
+  cross-entropy on the masked positions of codebook q;
+- decoding is codebook by codebook, coarse to fine, with a few confidence-ranked parallel steps for
+  the first acoustic codebook and (by default) a single greedy step for the finer ones; a voice
+  prompt's full codes are prepended unmasked, so the output continues the prompt's voice.
 
 ``SoundStorm.load_anygpt_release`` reads the AnyGPT release checkpoint
 (``speechtokenizer_soundstorm_mls.pt``, built on lucidrains' soundstorm-pytorch conformer) by renaming
 its keys onto ours; it accepts both conformer conv-module layouts that exist in the wild (AnyGPT
 issue 15 / soundstorm-speechtokenizer issue 9).  Our own checkpoints are ``config.json`` +
-``model.safetensors`` (``save_pretrained`` / ``from_pretrained``).
+``model.safetensors`` (``save_pretrained`` / ``from_pretrained``).  Both loaders ignore checkpoint
+keys outside the modules they build (reported once, grouped by prefix) and fail, naming the keys,
+only on missing or mis-shaped ones.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -36,7 +43,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from anygpt import modalities as registry
+from anygpt.modalities.cards import _by_prefix, card_label
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -46,11 +59,40 @@ FORMAT_VERSION = 1
 # SoundStorm decodes the first acoustic layer in several steps and the finer ones greedily in one:
 # the first layer carries most of the speaker/prosody information, later layers are near-deterministic
 # given it (SoundStorm paper, section 3.2; AnyGPT used 4 steps with `num_full_sampling_levels=1`).
+# A shorter codec repeats the last value, a longer one is cut (see SoundStorm._step_schedule).
 DEFAULT_STEPS: tuple[int, ...] = (8, 1, 1, 1, 1, 1, 1)
+
+# Architecture sizes (the codec facts come from a card).  "release" is AnyGPT's released decoder
+# (anygpt/src/infer/voice_clone.py: dim 1024, 12 blocks, 8 heads of 128), ~350 M parameters with
+# SpeechTokenizer's 8 x 1024 codes; "tiny" is the CPU test/demo size with the same code path.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(dim=64, depth=2, heads=2, dim_head=32, ff_mult=2, conv_expansion=2, conv_kernel_size=7),
+    "small": dict(dim=256, depth=4, heads=4, dim_head=64, ff_mult=4, conv_expansion=2, conv_kernel_size=31),
+    "base": dict(dim=512, depth=8, heads=8, dim_head=64, ff_mult=4, conv_expansion=2, conv_kernel_size=31),
+    "release": dict(dim=1024, depth=12, heads=8, dim_head=128, ff_mult=4, conv_expansion=2, conv_kernel_size=31),
+}
 
 
 class SoundStormLoadError(ValueError):
-    """A SoundStorm checkpoint could not be read or does not match the model."""
+    """A SoundStorm checkpoint could not be read, does not match the model, or not the codec's card."""
+
+
+def acoustic_modality(name: str | None = None) -> str:
+    """The registered modality whose plugin takes an acoustic prompt (speech), or check ``name`` is one.
+
+    Asked of the registry, never written out: a plugin that sets ``acoustic_prompt = True`` gets this
+    decoder.  Several such modalities need ``name``.
+    """
+    found = [m for m, plugin in registry.registered().items() if plugin.acoustic_prompt]
+    if name is not None:
+        if name not in found:
+            raise registry.CodecError(f"modality {name!r} has no acoustic decoder (acoustic modalities: "
+                                      f"{', '.join(found) or 'none'})")
+        return name
+    if len(found) != 1:
+        raise registry.CodecError(f"{len(found)} registered modalities take an acoustic prompt "
+                                  f"({', '.join(found) or 'none'}); name the one to use")
+    return found[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,15 +101,19 @@ class SoundStormLoadError(ValueError):
 
 @dataclass
 class SoundStormConfig:
-    """Sizes of a SoundStorm decoder.
+    """Sizes of a SoundStorm decoder and the codec facts it was built for.
 
-    ``num_quantizers`` counts *all* RVQ layers of the speech codec (8 for SpeechTokenizer); layer 1 is
-    the semantic condition, the other ``num_quantizers - 1`` are generated.
+    ``num_quantizers`` counts *all* codebooks of the codec (8 for SpeechTokenizer); the leading
+    ``semantic_codebooks`` (the card's ``lm_codebooks``: what the LM generates) are the condition, the
+    other ``num_acoustic`` are generated.  ``frame_rate``, ``codec`` and ``modality`` record the card
+    the decoder was built from (None in decoders saved before they were recorded); :meth:`check_card`
+    compares them with a codec's card.
     """
 
-    codebook_size: int = 1024
-    num_quantizers: int = 8
-    semantic_vocab_size: int = 1024
+    codebook_size: int
+    num_quantizers: int
+    semantic_vocab_size: int
+    semantic_codebooks: int = 1
     dim: int = 1024
     depth: int = 12
     heads: int = 8
@@ -77,15 +123,18 @@ class SoundStormConfig:
     conv_kernel_size: int = 31
     dropout: float = 0.0
     rotary_theta: float = 10000.0
+    frame_rate: float | None = None
+    codec: str | None = None
+    modality: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("codebook_size", "semantic_vocab_size", "dim", "depth", "heads", "dim_head",
-                     "ff_mult", "conv_expansion", "conv_kernel_size"):
+        for name in ("codebook_size", "semantic_vocab_size", "semantic_codebooks", "dim", "depth", "heads",
+                     "dim_head", "ff_mult", "conv_expansion", "conv_kernel_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"SoundStormConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_quantizers < 2:
-            raise ValueError(f"SoundStormConfig.num_quantizers must be >= 2 (1 semantic + acoustic layers), "
-                             f"got {self.num_quantizers}")
+        if self.num_quantizers <= self.semantic_codebooks:
+            raise ValueError(f"SoundStormConfig.num_quantizers must exceed semantic_codebooks "
+                             f"({self.semantic_codebooks}): nothing to generate with {self.num_quantizers}")
         if self.dim_head % 2:
             raise ValueError(f"SoundStormConfig.dim_head must be even for rotary embeddings, got {self.dim_head}")
         if not 0.0 <= self.dropout < 1.0:
@@ -93,22 +142,50 @@ class SoundStormConfig:
 
     @property
     def num_acoustic(self) -> int:
-        """Number of generated (acoustic) RVQ layers."""
-        return self.num_quantizers - 1
+        """Number of generated (acoustic) codebooks."""
+        return self.num_quantizers - self.semantic_codebooks
 
     @classmethod
-    def anygpt_release(cls) -> "SoundStormConfig":
-        """The sizes of AnyGPT's released ``speechtokenizer_soundstorm_mls.pt`` (anygpt/src/infer/voice_clone.py)."""
-        return cls(codebook_size=1024, num_quantizers=8, semantic_vocab_size=1024, dim=1024, depth=12,
-                   heads=8, dim_head=128, ff_mult=4, conv_expansion=2, conv_kernel_size=31)
+    def from_card(cls, card: Mapping[str, Any], size: str = "release", **overrides: Any) -> "SoundStormConfig":
+        """A decoder for the codec a card describes, with the architecture of ``size`` (:data:`SIZES`).
+
+        Args:
+            card: the codec's card (``anygpt.modalities.codec_card`` / ``directory_cards``).
+            size: ``tiny``, ``small``, ``base`` or ``release``.
+            overrides: any other field (``dropout=0.1``, ``depth=4``).
+        """
+        if size not in SIZES:
+            raise ValueError(f"unknown SoundStorm size {size!r}; use one of {', '.join(SIZES)}")
+        facts = dict(codebook_size=int(card["codebook_size"]), num_quantizers=int(card["num_codebooks"]),
+                     semantic_vocab_size=int(card["codebook_size"]), semantic_codebooks=int(card["lm_codebooks"]),
+                     frame_rate=None if card.get("frame_rate") is None else float(card["frame_rate"]),
+                     codec=card.get("name"), modality=card.get("modality"))
+        return cls(**{**facts, **SIZES[size], **overrides})
 
     @classmethod
-    def tiny(cls, **overrides: Any) -> "SoundStormConfig":
-        """Same architecture and code ranges as the release, small enough for CPU tests and the demo."""
-        base: dict[str, Any] = dict(dim=64, depth=2, heads=2, dim_head=32, ff_mult=2, conv_expansion=2,
-                                    conv_kernel_size=7)
-        base.update(overrides)
-        return cls(**base)
+    def anygpt_release(cls, card: Mapping[str, Any] | None = None) -> "SoundStormConfig":
+        """The sizes of AnyGPT's released ``speechtokenizer_soundstorm_mls.pt`` for ``card`` (default:
+        the acoustic modality's default codec card, SpeechTokenizer)."""
+        return cls.from_card(card or registry.codec_card(acoustic_modality()), "release")
+
+    @classmethod
+    def tiny(cls, card: Mapping[str, Any] | None = None, **overrides: Any) -> "SoundStormConfig":
+        """Same architecture as the release, small enough for CPU tests and the demo, for ``card``
+        (default: the acoustic modality's default codec card)."""
+        return cls.from_card(card or registry.codec_card(acoustic_modality()), "tiny", **overrides)
+
+    def check_card(self, card: Mapping[str, Any], where: str = "SoundStorm decoder") -> None:
+        """Raise a one-line ``SoundStormLoadError`` naming ``where`` and the card when they disagree."""
+        want = {"num_quantizers": ("num_codebooks", int(card["num_codebooks"])),
+                "codebook_size": ("codebook_size", int(card["codebook_size"])),
+                "semantic_vocab_size": ("codebook_size", int(card["codebook_size"])),
+                "semantic_codebooks": ("lm_codebooks", int(card["lm_codebooks"]))}
+        if self.frame_rate is not None and card.get("frame_rate") is not None:
+            want["frame_rate"] = ("frame_rate", float(card["frame_rate"]))
+        bad = [f"{ours}={getattr(self, ours)} (card {theirs}={value})" for ours, (theirs, value) in want.items()
+               if getattr(self, ours) != value]
+        if bad:
+            raise SoundStormLoadError(f"{where} does not fit the {card_label(dict(card))}: {', '.join(bad)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,7 +196,10 @@ class SoundStormConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise SoundStormLoadError(f"unknown SoundStorm config keys: {', '.join(unknown)}")
-        return cls(**dict(data))
+        try:
+            return cls(**dict(data))
+        except (TypeError, ValueError) as exc:
+            raise SoundStormLoadError(f"invalid SoundStorm config: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,10 +339,11 @@ def _fresh_seed() -> int:
 
 
 class SoundStorm(nn.Module):
-    """Masked parallel decoder of acoustic RVQ layers conditioned on semantic (layer-1) ids.
+    """Masked parallel decoder of a codec's acoustic codebooks conditioned on its leading (LM) ones.
 
-    Codes follow the codec contract: ``[num_quantizers, T]`` per utterance, batched as ``[B, 8, T]``,
-    row 0 = semantic layer.
+    Codes follow the codec contract: ``[num_quantizers, T]`` per utterance, batched as
+    ``[B, num_quantizers, T]``; rows ``:semantic_codebooks`` are the condition (SpeechTokenizer: row 0,
+    the semantic layer), the rest are generated.
     """
 
     def __init__(self, config: SoundStormConfig) -> None:
@@ -270,9 +351,11 @@ class SoundStorm(nn.Module):
         self.config = config
         q, c, d = config.num_acoustic, config.codebook_size, config.dim
         self.mask_id = c  # local id of the mask token in every acoustic layer's table
-        self.semantic_emb = nn.Embedding(config.semantic_vocab_size, d)
+        # One table per conditioning codebook, back to back (codebook j's id x is row j*V+x); with one
+        # semantic codebook this is exactly the release's `semantic_token_emb`.
+        self.semantic_emb = nn.Embedding(config.semantic_codebooks * config.semantic_vocab_size, d)
         # One table per acoustic layer (codebook_size codes + 1 mask token), stored back to back in a
-        # single embedding so that a frame's 7 lookups are one gather; layer k's id x is row k*(c+1)+x.
+        # single embedding so that a frame's lookups are one gather; layer k's id x is row k*(c+1)+x.
         self.code_emb = nn.Embedding(q * (c + 1), d)
         self.layers = nn.ModuleList(ConformerBlock(config) for _ in range(config.depth))
         # Each frame's hidden state is expanded into one vector per acoustic layer, normalised, and
@@ -292,13 +375,21 @@ class SoundStorm(nn.Module):
     def device(self) -> torch.device:
         return self.code_emb.weight.device
 
+    def _semantic_rows(self, semantic: Tensor) -> Tensor:
+        """``[B, S, N]`` conditioning ids; ``[B, N]`` is accepted when there is one codebook."""
+        if semantic.ndim == 2 and self.config.semantic_codebooks == 1:
+            return semantic[:, None]
+        return semantic
+
     def _hidden(self, acoustic: Tensor, semantic: Tensor, valid: Tensor) -> Tensor:
-        """[B, Q, N] acoustic ids (mask id allowed), [B, N] semantic, [B, N] valid -> [B, N, Q, D]."""
+        """[B, Q, N] acoustic ids (mask id allowed), [B, S, N] semantic, [B, N] valid -> [B, N, Q, D]."""
         b, q, n = acoustic.shape
         cfg = self.config
         offsets = torch.arange(q, device=acoustic.device) * (cfg.codebook_size + 1)
         x = self.code_emb(acoustic + offsets[None, :, None]).sum(dim=1)
-        sem = self.semantic_emb(semantic.masked_fill(~valid, 0))
+        sem_offsets = torch.arange(semantic.shape[1], device=semantic.device) * cfg.semantic_vocab_size
+        sem_ids = (semantic + sem_offsets[None, :, None]).masked_fill(~valid[:, None, :], 0)
+        sem = self.semantic_emb(sem_ids).sum(dim=1)
         x = x + sem * valid[..., None].to(sem.dtype)
         cos, sin = _rotary_tables(n, cfg.dim_head, cfg.rotary_theta, x.device)
         # A row with no valid frame (an empty utterance in a padded batch) would give softmax over no
@@ -318,9 +409,11 @@ class SoundStorm(nn.Module):
         return torch.einsum("bnd,bdc->bnc", h, self.head_weight[layer]) + self.head_bias[layer][:, None, :]
 
     def forward(self, acoustic: Tensor, semantic: Tensor, valid: Tensor | None = None) -> Tensor:
-        """Logits of every acoustic layer: ``acoustic [B, Q, N]`` (mask id = codebook_size) -> ``[B, N, Q, C]``."""
+        """Logits of every acoustic layer: ``acoustic [B, Q, N]`` (mask id = codebook_size), ``semantic
+        [B, S, N]`` (or ``[B, N]`` for one codebook) -> ``[B, N, Q, C]``."""
+        semantic = self._semantic_rows(semantic)
         if valid is None:
-            valid = torch.ones_like(semantic, dtype=torch.bool)
+            valid = torch.ones(semantic.shape[0], semantic.shape[2], dtype=torch.bool, device=semantic.device)
         hidden = self.head_norm(self._hidden(acoustic, semantic, valid))
         return torch.einsum("bnqd,qdc->bnqc", hidden, self.head_weight) + self.head_bias
 
@@ -336,7 +429,8 @@ class SoundStorm(nn.Module):
              generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
         """MaskGIT loss on a batch of full codes ``[B, num_quantizers, T]`` (padding beyond ``lengths``).
 
-        Per utterance: prompt cut ``t`` uniform in ``[0, len-1)``; acoustic layer ``q`` uniform; a
+        Rows ``:semantic_codebooks`` are the condition, the rest the acoustic layers.  Per utterance:
+        prompt cut ``t`` uniform in ``[0, len-1)``; acoustic layer ``q`` uniform; a
         cos(pi/2 * u) fraction (u ~ U(0,1), at least one frame) of layer q's frames after ``t`` masked;
         layers above q masked after ``t``; loss = cross-entropy on the masked frames of layer q.
         Returns the mean loss over all masked tokens and float statistics (loss, acc, masked, mask_ratio).
@@ -358,8 +452,8 @@ class SoundStorm(nn.Module):
 
         pos = torch.arange(t_max, device=device)
         valid = pos[None, :] < lengths_t[:, None]
-        semantic, acoustic = codes[:, 0], codes[:, 1:]
-        self._check_ids(semantic, valid, cfg.semantic_vocab_size, "semantic ids")
+        semantic, acoustic = codes[:, :cfg.semantic_codebooks], codes[:, cfg.semantic_codebooks:]
+        self._check_ids(semantic, valid[:, None, :], cfg.semantic_vocab_size, "semantic ids")
         self._check_ids(acoustic, valid[:, None, :], cfg.codebook_size, "acoustic codes")
 
         def rand(*shape: int) -> Tensor:
@@ -411,31 +505,38 @@ class SoundStorm(nn.Module):
         greedy_single_step: bool = True,
         include_prompt: bool = False,
     ) -> Tensor:
-        """Fill in acoustic layers 2..8 for semantic ids ``[B, T]`` (or ``[T]``) -> codes ``[B, 8, T]``.
+        """Fill in the acoustic codebooks for the LM's codes -> codes ``[B, num_quantizers, T]``.
 
         Args:
-            semantic: layer-1 ids; row 0 of the output is exactly this.
+            semantic: the conditioning codes, ``[B, S, T]`` (S = ``semantic_codebooks``), or with one
+                conditioning codebook ``[B, T]`` / ``[T]``, or ``[S, T]`` for one utterance with several;
+                rows ``:S`` of the output are exactly these.
             prompt: optional voice prompt, full codes ``[num_quantizers, Tp]`` of one utterance in the
                 target voice; it is prepended unmasked (its codes stay as they are) and excluded from the
                 output, so the output continues the prompt's speaker and recording conditions.
-            steps: parallel decoding steps per acoustic layer (layer 2 first); a shorter list repeats its
-                last value, an int means that many steps for layer 2 and 1 for the rest.
+            steps: parallel decoding steps per acoustic layer (coarsest first); a shorter list repeats
+                its last value, an int means that many steps for the first and 1 for the rest.
             temperature: sampling temperature; 0 means greedy everywhere.
             seed: fixes the sampling noise (same seed -> same codes); a fresh seed otherwise
                 (``self.last_seed`` records it).
             lengths: valid frames per row when ``semantic`` is padded; padded output frames hold 0.
             greedy_single_step: decode one-step layers by argmax (SoundStorm's choice for fine layers).
-            include_prompt: return ``[B, 8, Tp + T]`` with the (unchanged) prompt in front, e.g. to
+            include_prompt: return ``[B, Q, Tp + T]`` with the (unchanged) prompt in front, e.g. to
                 decode prompt and continuation as one waveform.
         """
         cfg = self.config
         device = self.device
+        n_sem = cfg.semantic_codebooks
         sem = _as_long_tensor(semantic, device)
-        if sem.ndim == 1:
-            sem = sem[None]
-        if sem.ndim != 2:
-            raise ValueError(f"semantic must be [B, T] or [T], got {tuple(sem.shape)}")
-        b, t = sem.shape
+        if n_sem == 1 and sem.ndim in (1, 2):
+            sem = sem.reshape(-1, 1, sem.shape[-1])  # [T] or [B, T]
+        elif n_sem > 1 and sem.ndim == 2:
+            sem = sem[None]  # [S, T]: one utterance
+        if sem.ndim != 3 or sem.shape[1] != n_sem:
+            raise ValueError(f"semantic must be [B, {n_sem}, T]" + (" or [B, T] or [T]" if n_sem == 1 else
+                                                                     f" or [{n_sem}, T]")
+                             + f", got {tuple(sem.shape)}")
+        b, _, t = sem.shape
         step_list = self._step_schedule(steps)
         if lengths is None:
             lengths_t = torch.full((b,), t, device=device, dtype=torch.long)
@@ -444,7 +545,7 @@ class SoundStorm(nn.Module):
             if lengths_t.shape != (b,) or bool((lengths_t < 0).any()) or bool((lengths_t > t).any()):
                 raise ValueError(f"lengths must be {b} values in [0, {t}], got {lengths_t.tolist()}")
         valid_gen = torch.arange(t, device=device)[None, :] < lengths_t[:, None]
-        self._check_ids(sem, valid_gen, cfg.semantic_vocab_size, "semantic ids")
+        self._check_ids(sem, valid_gen[:, None, :], cfg.semantic_vocab_size, "semantic ids")
 
         if prompt is not None:
             p = _as_long_tensor(prompt, device)
@@ -453,8 +554,8 @@ class SoundStorm(nn.Module):
             if p.ndim != 2 or p.shape[0] != cfg.num_quantizers:
                 raise ValueError(f"prompt must be codes [{cfg.num_quantizers}, Tp], got {tuple(p.shape)}")
             ones = torch.ones(p.shape[1], dtype=torch.bool, device=device)
-            self._check_ids(p[0], ones, cfg.semantic_vocab_size, "prompt semantic ids")
-            self._check_ids(p[1:], ones[None], cfg.codebook_size, "prompt acoustic codes")
+            self._check_ids(p[:n_sem], ones[None], cfg.semantic_vocab_size, "prompt semantic ids")
+            self._check_ids(p[n_sem:], ones[None], cfg.codebook_size, "prompt acoustic codes")
         else:
             p = torch.zeros(cfg.num_quantizers, 0, dtype=torch.long, device=device)
         tp = p.shape[1]
@@ -462,10 +563,10 @@ class SoundStorm(nn.Module):
             empty = sem.new_zeros(b, cfg.num_quantizers, 0)
             return torch.cat([p[None].expand(b, -1, -1), empty], dim=2) if include_prompt else empty
 
-        full_sem = torch.cat([p[0][None].expand(b, tp), sem], dim=1)
+        full_sem = torch.cat([p[:n_sem][None].expand(b, -1, -1), sem], dim=2)
         valid = torch.cat([torch.ones(b, tp, dtype=torch.bool, device=device), valid_gen], dim=1)
         acoustic = torch.full((b, cfg.num_acoustic, tp + t), self.mask_id, dtype=torch.long, device=device)
-        acoustic[:, :, :tp] = p[1:][None]
+        acoustic[:, :, :tp] = p[n_sem:][None]
         region = torch.cat([torch.zeros(b, tp, dtype=torch.bool, device=device), valid_gen], dim=1)
         n_total = region.sum(dim=1)
 
@@ -506,8 +607,8 @@ class SoundStorm(nn.Module):
         finally:
             self.train(was_training)
 
-        # Row 0 is the semantic input as given; padded frames' acoustic codes read 0.
-        codes = torch.cat([full_sem[:, None, :], acoustic.masked_fill(~valid[:, None, :], 0)], dim=1)
+        # Rows :S are the conditioning input as given; padded frames' acoustic codes read 0.
+        codes = torch.cat([full_sem, acoustic.masked_fill(~valid[:, None, :], 0)], dim=1)
         return codes if include_prompt else codes[:, :, tp:]
 
     def _step_schedule(self, steps: Sequence[int] | int) -> list[int]:
@@ -526,23 +627,33 @@ class SoundStorm(nn.Module):
     # -- persistence ---------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (fp32 unless the model is in another dtype)."""
-        from safetensors.torch import save_file
+        """Write ``config.json`` and ``model.safetensors`` (fp32 unless the model is in another dtype).
 
+        Each file is written under a temporary name and renamed, so a reader never sees half a file.
+        """
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **self.config.to_dict()}
-        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        tmp = out / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": FORMAT_NAME})
+        save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
+        os.replace(tmp, out / WEIGHTS_NAME)
+        tmp = out / f".{CONFIG_NAME}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, out / CONFIG_NAME)
         return out
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> "SoundStorm":
-        """Load a directory written by ``save_pretrained``."""
-        from safetensors.torch import load_file
+                        dtype: torch.dtype | None = None, card: Mapping[str, Any] | None = None) -> "SoundStorm":
+        """Load a directory written by ``save_pretrained``.
 
+        Args:
+            directory: holds ``config.json`` and ``model.safetensors``.
+            device, dtype: where and in which type to put the weights (default: as stored, on CPU).
+            card: the speech codec's card the codes will be decoded with; a decoder built for another
+                codec (codebooks, codebook size, LM codebooks, frame rate) is a one-line error naming both.
+        """
         src = Path(directory)
         missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (src / name).is_file()]
         if missing:
@@ -555,9 +666,14 @@ class SoundStorm(nn.Module):
         meta.pop("format_version", None)
         if fmt not in (None, FORMAT_NAME):
             raise SoundStormLoadError(f"{src / CONFIG_NAME}: format {fmt!r} is not {FORMAT_NAME!r}")
-        config = SoundStormConfig.from_dict(meta)
+        try:
+            config = SoundStormConfig.from_dict(meta)
+        except SoundStormLoadError as exc:
+            raise SoundStormLoadError(f"{src / CONFIG_NAME}: {exc}") from None
+        if card is not None:
+            config.check_card(card, f"SoundStorm decoder {src}")
         state = load_file(str(src / WEIGHTS_NAME))
-        return cls._from_state_dict(config, state, str(src), device, dtype)
+        return cls._from_state_dict(config, state, str(src / WEIGHTS_NAME), device, dtype)
 
     @classmethod
     def _from_state_dict(cls, config: SoundStormConfig, state: Mapping[str, Tensor], source: str,
@@ -565,39 +681,45 @@ class SoundStorm(nn.Module):
         # Build on the meta device and adopt the loaded tensors: no wasted random init, no 2x memory.
         with torch.device("meta"):
             model = cls(config)
-        model.check_state_dict(state, source)
-        model.load_state_dict(state, strict=True, assign=True)
+        unused = model.check_state_dict(state, source)
+        model.load_state_dict({k: v for k, v in state.items() if k not in unused}, strict=True, assign=True)
         if dtype is not None:
             model = model.to(dtype=dtype)
         if device is not None:
             model = model.to(device)
         return model.eval()
 
-    def check_state_dict(self, state: Mapping[str, Tensor], source: str = "state dict") -> None:
-        """Raise a one-line ``SoundStormLoadError`` naming missing/unexpected/mis-shaped keys, if any."""
+    def check_state_dict(self, state: Mapping[str, Tensor], source: str = "state dict") -> list[str]:
+        """Check a state dict against this model; returns the keys it does not use.
+
+        Keys outside the modules this model builds (other heads, training-only buffers of another
+        implementation) are reported once, grouped by prefix, and ignored; a missing or mis-shaped
+        key would leave a random weight in place, so those raise one ``SoundStormLoadError`` line
+        naming them.
+        """
         expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
         missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
+        unused = [k for k in state if k not in expected]
         shapes = [f"{k} {tuple(state[k].shape)} != {expected[k]}" for k in expected
                   if k in state and tuple(state[k].shape) != expected[k]]
-        if not (missing or unexpected or shapes):
-            return
+        if missing or shapes:
+            def brief(items: list[str]) -> str:
+                head = ", ".join(items[:3])
+                return f"{head}, ... ({len(items)} in all)" if len(items) > 3 else head
 
-        def brief(items: list[str]) -> str:
-            head = ", ".join(items[:3])
-            return f"{head}, ... ({len(items)} in all)" if len(items) > 3 else head
-
-        c = self.config
-        parts = []
-        if missing:
-            parts.append(f"missing {brief(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {brief(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatch {brief(shapes)}")
-        raise SoundStormLoadError(
-            f"{source}: does not fit SoundStorm(dim={c.dim}, depth={c.depth}, layers={c.num_quantizers}, "
-            f"codebook={c.codebook_size}): " + "; ".join(parts))
+            c = self.config
+            parts = []
+            if missing:
+                parts.append(f"missing {brief(missing)}")
+            if shapes:
+                parts.append(f"shape mismatch {brief(shapes)}")
+            raise SoundStormLoadError(
+                f"{source}: does not fit SoundStorm(dim={c.dim}, depth={c.depth}, codebooks={c.num_quantizers}, "
+                f"codebook={c.codebook_size}): " + "; ".join(parts))
+        if unused:
+            log.warning("%s: holds %d keys this SoundStorm decoder does not use (ignored): %s", source,
+                        len(unused), _by_prefix(unused))
+        return unused
 
     # -- the AnyGPT release --------------------------------------------------------------------------
 
@@ -609,13 +731,15 @@ class SoundStorm(nn.Module):
         heads: int = 8,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = torch.float32,
+        card: Mapping[str, Any] | None = None,
     ) -> "SoundStorm":
         """Load AnyGPT's ``speechtokenizer_soundstorm_mls.pt`` (or a state dict with its key layout).
 
         Sizes are read from the tensor shapes unless ``config`` is given; only the number of attention
         heads cannot be (the release used 8 heads of 128).  Both conv-module layouts load: AnyGPT's
         ``conv.net1/ds_conv/net2`` split and the single ``conv.net.{0,2,4,6,7}`` Sequential of upstream
-        soundstorm-speechtokenizer; loading one with the other's code is AnyGPT issue 15.
+        soundstorm-speechtokenizer; loading one with the other's code is AnyGPT issue 15.  With
+        ``card`` (the speech codec's), the checkpoint must fit it and the config records its facts.
         """
         if isinstance(path, Mapping):
             raw: Mapping[str, Any] = path
@@ -631,7 +755,9 @@ class SoundStorm(nn.Module):
             source = str(file)
         state = release_to_state_dict(_unwrap_checkpoint(raw, source))
         if config is None:
-            config = _infer_release_config(state, heads, source)
+            config = _infer_release_config(state, heads, source, card)
+        if card is not None:
+            config.check_card(card, f"SoundStorm release {source}")
         return cls._from_state_dict(config, state, source, device, dtype)
 
 
@@ -711,7 +837,11 @@ def release_to_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _infer_release_config(state: Mapping[str, Tensor], heads: int, source: str) -> SoundStormConfig:
+def _infer_release_config(state: Mapping[str, Tensor], heads: int, source: str,
+                          card: Mapping[str, Any] | None = None) -> SoundStormConfig:
+    """Sizes from tensor shapes; the number of conditioning codebooks (and the provenance fields) from
+    ``card`` when given, else one (the release conditions on SpeechTokenizer's layer 1)."""
+    n_sem = int(card["lm_codebooks"]) if card is not None else 1
     try:
         dim = state["code_emb.weight"].shape[1]
         num_acoustic = state["head_proj.weight"].shape[0] // dim
@@ -727,15 +857,23 @@ def _infer_release_config(state: Mapping[str, Tensor], heads: int, source: str) 
             f"{source}: not a SoundStorm release state dict (cannot find {exc}; keys start {present})") from exc
     if inner_attn % heads:
         raise SoundStormLoadError(f"{source}: attention width {inner_attn} is not divisible by heads={heads}")
+    provenance: dict[str, Any] = {}
+    if card is not None:
+        provenance = dict(frame_rate=None if card.get("frame_rate") is None else float(card["frame_rate"]),
+                          codec=card.get("name"), modality=card.get("modality"))
     return SoundStormConfig(
-        codebook_size=int(codebook), num_quantizers=int(num_acoustic) + 1, semantic_vocab_size=int(semantic_vocab),
+        codebook_size=int(codebook), num_quantizers=int(num_acoustic) + n_sem,
+        semantic_vocab_size=int(semantic_vocab) // n_sem, semantic_codebooks=n_sem,
         dim=int(dim), depth=int(depth), heads=heads, dim_head=int(inner_attn) // heads,
         ff_mult=int(ff_inner) // int(dim), conv_expansion=int(conv_inner) // int(dim), conv_kernel_size=int(kernel),
+        **provenance,
     )
 
 
 __all__ = [
     "DEFAULT_STEPS",
+    "SIZES",
+    "acoustic_modality",
     "SoundStorm",
     "SoundStormConfig",
     "SoundStormLoadError",
