@@ -66,3 +66,22 @@ def tiny_layout(tiny_tokenizer):
 @pytest.fixture(scope="session")
 def anygpt_tokenizer_dir(tmp_path_factory) -> Path:
     return make_anygpt_style_tokenizer(tmp_path_factory.mktemp("anygpt_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def installed_anygpt(tmp_path_factory) -> Path:
+    """``bin/`` of a fresh virtual environment holding a *non-editable* install of this checkout.
+
+    The environment sees the machine's packages (``--system-site-packages``: torch and the other
+    dependencies are not installed twice), but ``anygpt`` itself is a wheel built from the checkout,
+    so tests that run it from an empty directory prove the package works without the source tree.
+    """
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    venv = tmp_path_factory.mktemp("venv") / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--disable-pip-version-check",
+                    str(repo)], check=True, capture_output=True)
+    return venv / "bin"
