@@ -46,16 +46,18 @@ class Speech(AudioModality):
 
     def complete_codes(self, lm_codes: np.ndarray, acoustic: Callable[[], Any], prompt: np.ndarray | None,
                        notes: list[str], seed: int | None = None) -> np.ndarray:
-        """Semantic ids ``[1, T]`` -> all RVQ layers ``[K, T]`` through the SoundStorm decoder (or the
-        semantic layer alone, with a note, when there is none)."""
+        """The LM's leading codebooks ``[S, T]`` (S = the card's ``lm_codebooks``: one semantic layer for
+        SpeechTokenizer and Mimi) -> all RVQ layers ``[K, T]`` through the SoundStorm decoder (or the LM's
+        layers alone, with a note, when there is none)."""
         import torch
 
         decoder = acoustic()
-        semantic = np.asarray(lm_codes, dtype=np.int64).reshape(-1)
+        semantic = np.asarray(lm_codes, dtype=np.int64)
+        semantic = semantic[None] if semantic.ndim == 1 else semantic
         if decoder is None:
             notes.append("no SoundStorm decoder (--soundstorm DIR): speech is rendered from the semantic layer "
                          "only (expect muffled audio)")
-            return semantic[None]
+            return semantic
         voice = None
         if prompt is not None:
             n_q = decoder.config.num_quantizers
@@ -63,5 +65,5 @@ class Speech(AudioModality):
                 notes.append(f"voice prompt has {prompt.shape[0]} layers, SoundStorm needs {n_q}: ignored")
             else:
                 voice = torch.as_tensor(prompt[:n_q])
-        out = decoder.generate(torch.as_tensor(semantic)[None], prompt=voice, seed=seed)
+        out = decoder.generate(torch.as_tensor(semantic)[None], prompt=voice, seed=seed)  # [1, S, T] -> [1, K, T]
         return out[0].cpu().numpy().astype(np.int64)
