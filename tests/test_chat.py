@@ -63,8 +63,7 @@ def _session(lm, tmp_path, config=None, **kw):
     from anygpt.infer.mediaio import MediaIO
 
     out = io.StringIO()
-    notes = []
-    media = MediaIO(lm.layout, "tiny", "tiny", notice=notes.append, image_options={"steps": 1}, speech_seed=0)
+    media = MediaIO(lm.layout, "tiny", "tiny", render_options={"image": {"steps": 1}}, seed=0)
     cfg = config or GenerationConfig(max_new_tokens=40, seed=0)
     return ChatSession(lm, media, cfg, tmp_path / "out", out=out, **kw), out
 
