@@ -72,7 +72,7 @@ def parse_task(spec: str, layout: VocabLayout | None = None) -> Task:
     media = tuple(layout.modalities) if layout is not None else registry.names()
     parts = spec.split("|")
     if len(parts) < 3:
-        m = media[0] if media else "image"
+        m = media[0] if media else "M"
         raise TaskError(f"task {spec!r}: expected in|out|content, e.g. 'text|{m}|a caption' or '{m}|text|FILE'")
     src, dst = parts[0].strip().lower(), parts[1].strip().lower()
     rest = parts[2:]
