@@ -63,8 +63,7 @@ def _session(lm, tmp_path, config=None, **kw):
     from anygpt.infer.mediaio import MediaIO
 
     out = io.StringIO()
-    notes = []
-    media = MediaIO(lm.layout, "tiny", "tiny", notice=notes.append, image_options={"steps": 1}, speech_seed=0)
+    media = MediaIO(lm.layout, "tiny", "tiny", render_options={"image": {"steps": 1}}, seed=0)
     cfg = config or GenerationConfig(max_new_tokens=40, seed=0)
     return ChatSession(lm, media, cfg, tmp_path / "out", out=out, **kw), out
 
@@ -243,3 +242,71 @@ def test_unconstrained_malformed_answers_are_reported(model_dir, tmp_path):
         warned += text.count("warning: malformed output")
         assert len(session.history) == 4
     assert warned > 0
+
+
+def test_media_limits_and_options_come_from_the_plugins(lm):
+    from anygpt.infer.mediaio import MediaIO
+
+    media = MediaIO(lm.layout, "tiny", max_seconds={"music": 4.0})
+    assert media.max_seconds == {"speech": 30.0, "music": 4.0, "voice": 10.0}
+    assert MediaIO(lm.layout, None, render_options={"image": {"steps": "3", "seed": None}}).render_options == \
+        {"image": {"steps": 3}}
+    with pytest.raises(ValueError, match="image has no render option 'colour'; it has: steps, guidance, seed"):
+        MediaIO(lm.layout, None, render_options={"image": {"colour": 1}})
+
+
+def test_help_and_commands_follow_the_layout(lm):
+    """Every modality of the layout has its /command (and help line); /voice comes with the voice modality."""
+    from anygpt.infer.chat import commands, help_text
+
+    names = list(lm.layout.modalities)
+    assert commands(lm.layout)[: len(names) + 1] == (*(f"/{m}" for m in names), "/voice")
+    text = help_text(lm.layout)
+    for m in names:
+        assert f"/{m} PATH [text]" in text
+    assert "/voice PATH | off" in text and "/settings" in text
+
+
+def test_speech_only_model_chats_and_refuses_other_modalities(tmp_path, files):
+    """A SpeechGPT-style layout (speech only) loads, chats in text and with /speech, generates a
+    well-formed speech span, and answers /image and /music with one line each."""
+    import soundfile as sf
+
+    from anygpt.infer.chat import commands, help_text
+    from anygpt.infer.loading import load_lm
+    from anygpt.infer.testing import build_tiny_model_dir, excite_specials
+
+    lm = load_lm(build_tiny_model_dir(tmp_path / "m", modalities=["speech"]), device="cpu")
+    layout = lm.layout
+    assert list(layout.modalities) == ["speech"] and {"image", "music"} <= set(layout.missing())
+    assert "/image" not in commands(layout) and "/speech" in commands(layout) and "/voice" in commands(layout)
+    assert "/image" not in help_text(layout)
+    session, out = _session(lm, tmp_path)
+    for line in ("hello", f"/speech {files / 'hello.wav'} what did I say?", f"/image {files / 'green.png'}",
+                 f"/music {files / 'hello.wav'}", "/help"):
+        assert session.handle(line) is True
+    text = out.getvalue()
+    assert "error: this model has no image modality (it has: speech)" in text
+    assert "error: this model has no music modality (it has: speech)" in text
+    assert [t.role for t in session.history] == ["user", "assistant"] * 2
+    heard = session.history[2].parts[0]
+    assert isinstance(heard, Media) and heard.modality == "speech" and heard.codes.shape[1] == 50
+
+    sp = layout.modality("speech")
+    modes = {k: replace(v, max_tokens=min(v.max_tokens, 30)) for k, v in default_settings().items()}
+    cfg = GenerationConfig(modes=modes, max_new_tokens=50, seed=0, outputs=("speech",), require="speech")
+    prompt = lm.generator.format.prompt(Conversation(session.history[:1]))
+    for seed in range(3):
+        excite_specials(lm.model, layout, 700 + seed)
+        r = lm.generator.generate_one(prompt, replace(cfg, seed=seed))
+        ids = r.ids.tolist()
+        assert r.stop == "eom" and r.issues == []
+        assert ids[0] == layout.id(sp.start) and ids[-1] == layout.id(sp.end) and len(ids) > 2
+        assert all(sp.offset <= t < sp.stop for t in ids[1:-1])
+    session.config = cfg
+    session.handle("now say it")
+    paths = [line.split(": ", 1)[1].split(" (")[0] for line in out.getvalue().splitlines()
+             if line.startswith("-> speech: ")]
+    assert len(paths) == 1
+    data, sr = sf.read(paths[0])
+    assert sr == 16000 and len(data) > 0

@@ -169,3 +169,47 @@ def test_anygpt_conversation_records(tiny_layout):
         string_to_parts(tiny_layout, "<somu><🎶1><🎶2050><eomu>")
     with pytest.raises(AnyGPTStringError, match="unknown role"):
         conversation_from_anygpt(tiny_layout, {"conversation": [{"role": "bot", "message": "x"}]})
+
+
+# Today's pools, by length, first and last entry and a digest of all of them: the words moved into the
+# plugins, the prompts a trained model saw must not change by one character.
+KNOWN_POOLS = {
+    ("image", "x2text"): (33, "Describe the image.", "Provide a brief caption for the photo.", "2a7e99bb3bd7fe66"),
+    ("image", "text2x"): (33, "Draw an image of the following.", "Sketch a photo following the description.",
+                          "5fd82864b14ae954"),
+    ("speech", "x2text"): (33, "Transcribe the speech.", "Produce a transcript for the audio clip.", "2a7d05a57e0c4c20"),
+    ("speech", "text2x"): (33, "Read the text aloud as a speech.", "Create an audio clip that says the text.",
+                           "050d489904f74ecc"),
+    ("music", "x2text"): (33, "Describe the music.", "Write one line about the track.", "143dda281266de43"),
+    ("music", "text2x"): (33, "Compose a music from this description.", "Give me a track like this.",
+                          "a6ba0714a150ec2d"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(KNOWN_POOLS))
+def test_instruction_pools_are_unchanged(key):
+    import hashlib
+
+    from anygpt.formats.templates import INSTRUCTIONS
+
+    n, first, last, digest = KNOWN_POOLS[key]
+    pool = instruction_pool(*key)
+    assert (len(pool), pool[0], pool[-1]) == (n, first, last)
+    assert hashlib.sha256("\n".join(pool).encode()).hexdigest()[:16] == digest
+    assert INSTRUCTIONS[key] == pool
+
+
+def test_instruction_pool_errors():
+    with pytest.raises(ValueError, match="unknown modality 'video'"):
+        instruction_pool("video", "x2text")
+    with pytest.raises(ValueError, match="direction"):
+        instruction_pool("image", "sideways")
+
+
+def test_anygpt_strings_of_a_subset_layout():
+    """Spans are those of the layout: a speech-only layout parses speech spans, leaves others as text."""
+    from anygpt.layout import VocabLayout
+
+    lay = VocabLayout.default(320, ["speech"])
+    parts = string_to_parts(lay, "hi <sosp><🗣️1><🗣️7><eosp> and <soim><👀1><eoim>")
+    assert parts == [Text("hi "), Media("speech", np.array([[1, 7]])), Text(" and <soim><👀1><eoim>")]

@@ -267,6 +267,40 @@ def test_setting_overrides():
             apply_setting_overrides(default_settings(), [bad])
 
 
+def test_settings_come_from_the_plugins():
+    """Modes are text + the registered modalities; span defaults are each plugin's ``sampling``,
+    which for the built-ins are today's values (AnyGPT's release settings)."""
+    from anygpt import modalities as registry
+    from anygpt.infer.settings import MODES
+
+    modes = default_settings()
+    assert MODES == tuple(modes) == ("text", *registry.names())
+    for name, plugin in registry.registered().items():
+        assert modes[name] == SamplingSettings(**plugin.sampling)
+    assert modes["text"] == SamplingSettings(temperature=0.7, top_p=0.9, max_tokens=512)
+    assert modes["image"] == SamplingSettings(temperature=1.0, top_p=1.0, max_tokens=32)
+    assert modes["speech"] == SamplingSettings(temperature=1.0, top_p=1.0, repetition_penalty=1.05, max_tokens=1500)
+    assert modes["music"] == SamplingSettings(temperature=1.0, top_p=1.0, top_k=200, repetition_penalty=1.15,
+                                              max_tokens=2000)
+
+
+def test_media_flags_come_from_the_plugins():
+    """Today's flag names are kept; each is generated from a plugin attribute."""
+    import argparse
+
+    from anygpt.infer.cli import _limits, _render_options, add_generate_parser
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_generate_parser(sub)
+    args = sub.choices["generate"].parse_args(
+        ["--model", "m", "--max-speech-seconds", "3", "--max-music-seconds", "4", "--max-voice-seconds", "5",
+         "--image-steps", "2", "--image-guidance", "1.5", "x"])
+    assert _limits(args) == {"speech": 3.0, "music": 4.0, "voice": 5.0}
+    assert _render_options(args) == {"image": {"steps": 2, "guidance": 1.5}}
+    args.seed = 7
+    assert _render_options(args)["image"]["seed"] == 7  # --seed reaches the renderer's seed option
+
+
 def test_dtype_choice(monkeypatch):
     assert pick_dtype(torch.device("cpu")) == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)

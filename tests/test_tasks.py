@@ -139,3 +139,150 @@ def test_generate_fails_fast_on_bad_arguments(capsys, tmp_path):
     assert "unknown field" in capsys.readouterr().err
     assert main(["--model", str(tmp_path), "text|image|x"], command="generate") == 1
     assert "not a model directory" in capsys.readouterr().err
+
+
+def test_parse_task_knows_the_models_modalities():
+    from anygpt.layout import VocabLayout
+
+    layout = VocabLayout.default(320, ["speech"])
+    assert parse_task("text|speech|hi|v.wav", layout) == Task("text", "speech", "hi", "v.wav")
+    with pytest.raises(TaskError, match="unknown output modality 'image'; use one of text, speech$"):
+        parse_task("text|image|a red bus", layout)
+
+
+def test_image_speech_model_without_music(tmp_path, media_files):
+    """A layout with image and speech only: their tasks run, a music task fails with one line, and the
+    chat answers /music with one line."""
+    import io
+
+    from anygpt.infer.chat import ChatSession
+    from anygpt.infer.loading import load_lm
+    from anygpt.infer.mediaio import MediaIO
+    from anygpt.infer.settings import GenerationConfig
+    from anygpt.infer.tasks import run_tasks
+    from anygpt.infer.testing import build_tiny_model_dir
+
+    lm = load_lm(build_tiny_model_dir(tmp_path / "m", modalities=["image", "speech"]), device="cpu")
+    assert list(lm.layout.modalities) == ["image", "speech"] and "music" in lm.layout.missing()
+    media = MediaIO(lm.layout, "tiny", None, render_options={"image": {"steps": 1}}, seed=0)
+    out = io.StringIO()
+    tasks = ["text|music|calm piano", "text|image|a red bus", f"speech|text|{media_files / 'clip.wav'}"]
+    results = run_tasks(lm, media, tasks, GenerationConfig(max_new_tokens=40, seed=0), tmp_path / "o", out=out,
+                        stream=False)
+    assert results[0].error == "text|music|calm piano: this model has no music modality (it has: image, speech)"
+    assert out.getvalue().count("no music modality") == 1
+    assert results[1].error is None and results[1].files[0].path.suffix == ".png"
+    assert results[2].error is None and results[2].text_file.is_file()
+    chat_out = io.StringIO()
+    session = ChatSession(lm, media, GenerationConfig(max_new_tokens=20, seed=0), tmp_path / "c", out=chat_out)
+    session.handle(f"/music {media_files / 'song.wav'}")
+    session.handle(f"/image {media_files / 'red.png'} what is it?")
+    assert chat_out.getvalue().splitlines()[0] == "error: this model has no music modality (it has: image, speech)"
+    assert "(attached image" in chat_out.getvalue() and len(session.history) == 2
+
+
+def test_codecs_dir_of_another_codec_is_refused(export_dir, tmp_path, capsys):
+    """A codecs directory whose card is not the codec the model was trained with: one line naming both."""
+    import shutil
+
+    from anygpt.infer.cli import main
+
+    codecs = tmp_path / "codecs"
+    shutil.copytree(export_dir / "codecs" / "speech", codecs / "speech")
+    card = codecs / "speech" / "card.yaml"
+    card.write_text(card.read_text().replace("name: speechtokenizer", "name: mimi")
+                    .replace("codebook_size: 1024", "codebook_size: 2048"))
+    rc = main(["--model", str(export_dir), "--codecs", str(codecs), "--out", str(tmp_path / "o"),
+               "text|speech|hello"], command="generate")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1
+    assert "speechtokenizer" in err[0] and "mimi" in err[0] and "2048" in err[0]
+
+
+TOY_SCRIPT = r'''
+import io, json, sys
+from pathlib import Path
+import numpy as np
+from anygpt import modalities as registry
+from anygpt.formats import instruction_pool
+from anygpt.infer.chat import commands
+from anygpt.infer.cli import main
+from anygpt.infer.loading import load_lm
+from anygpt.infer.mediaio import MediaIO, MediaInputError
+from anygpt.infer.settings import GenerationConfig, default_settings, mode_names
+from anygpt.infer.tasks import run_tasks
+from anygpt.infer.testing import build_tiny_model_dir, excite_specials
+
+root = Path(sys.argv[1])
+assert registry.names()[-1] == "toy" and mode_names()[-1] == "toy"
+assert instruction_pool("toy", "text2x") == ("Generate a signal from this description.",
+    "Generate a trace from this description.", "Make a signal like this.", "Make a trace like this.")
+assert default_settings()["toy"].max_tokens == 64
+d = build_tiny_model_dir(root / "m")
+lm = load_lm(d, device="cpu")
+toy = lm.layout.modality("toy")
+assert "/toy" in commands(lm.layout)
+results = []
+real = lm.generator.generate
+
+
+def keep(*a, **k):  # the answers' ids, which the task results do not carry
+    got = real(*a, **k)
+    results.extend(got)
+    return got
+
+
+lm.generator.generate = keep
+media = MediaIO(lm.layout, "tiny", None, seed=0)
+# Excited marker rows make spans likely (and often end them at once): take the first excitation whose
+# span holds more than one frame, so the length check below means something.
+for seed in range(12):
+    excite_specials(lm.model, lm.layout, seed)
+    out = io.StringIO()
+    res = run_tasks(lm, media, ["text|toy|a rising signal"], GenerationConfig(max_new_tokens=80, seed=0),
+                    root / "o", out=out, stream=False)[0]
+    assert res.error is None and res.issues == [] and res.stop == "eom", out.getvalue()
+    ids = results[-1].ids.tolist()
+    assert ids[0] == lm.layout.id("<soty>") and ids[-1] == lm.layout.id("<eoty>"), ids
+    body = ids[1:-1]
+    assert body and all(toy.offset <= t < toy.stop for t in body), ids
+    if len(body) > 1:
+        break
+assert len(body) > 1, "no excitation gave a toy span longer than one frame"
+lm.model.save_pretrained(str(d))  # the CLI below loads the same excited weights
+trace = np.load(res.files[0].path)
+assert res.files[0].path.suffix == ".npy" and trace.shape == (10 * len(body),), (trace.shape, len(body))
+# The tiny toy codec's 16 levels are evenly spaced in [-1, 1]: the file holds exactly the span's codes.
+levels = np.linspace(-1, 1, 16, dtype=np.float32)
+assert np.allclose(trace, np.repeat(levels[np.asarray(body) - toy.offset], 10), atol=1e-6)
+(root / "trace.npy").write_bytes(res.files[0].path.read_bytes())
+try:
+    media.encode_file("speech", root / "trace.npy")
+    raise SystemExit("a .npy accepted as speech")
+except MediaInputError as e:
+    assert "(.npy is toy media; use /toy)" in str(e), e
+rc = main(["--model", str(d), "--codecs", "tiny", "--out", str(root / "cli"), "--seed", "0",
+           "--max-new-tokens", "80", "--json", str(root / "r.json"), "text|toy|a rising signal"], command="generate")
+got = json.loads((root / "r.json").read_text())[0]
+assert rc == 0 and got["error"] is None and got["issues"] == [], got
+cli_trace = np.load(got["files"][0])
+assert cli_trace.size > 0 and cli_trace.size % 10 == 0
+print("toy ok", len(body), cli_trace.size)
+'''
+
+
+def test_toy_modality_end_to_end_at_inference(tmp_path):
+    """The toy plugin (tests/toy_modality.py) through the task runner and ``anygpt generate``: one
+    well-formed toy span (ids in the toy range, closed by <eoty>) rendered to a .npy of frames x 10."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ANYGPT_PLUGINS": str(repo / "tests" / "toy_modality.py"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", TOY_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "toy ok" in proc.stdout

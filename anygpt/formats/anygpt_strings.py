@@ -1,8 +1,10 @@
 """AnyGPT's token-string format <-> our parts.
 
-People hold data as strings like ``<sosp><🗣️12><🗣️7><eosp>`` (AnyInstruct, AnyGPT's sample files);
-music tokens are ``<🎶N>`` with ``N = code + 2048·k``, frame-major.  We convert these strings to
-:class:`Media` parts once (at preprocessing), so nothing downstream tokenizes modality strings.
+People hold data as strings like ``<sosp><🗣️12><🗣️7><eosp>`` (AnyInstruct, AnyGPT's sample files):
+each modality of the layout has its span markers and its ``<prefixN>`` tokens, numbered
+``N = code + codebook_size·k`` frame-major when it has several codebooks (music: ``<🎶N>``).  We
+convert these strings to :class:`Media` parts once (at preprocessing), so nothing downstream
+tokenizes modality strings.  Which spans exist comes from the layout, never from a list here.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import numpy as np
 from anygpt.formats.segments import Conversation, Marker, Media, Part, Text, Turn
 from anygpt.layout import LayoutError, VocabLayout
 
-_SPAN = re.compile(r"(<so(?:im|sp|mu)>)(.*?)(<eo(?:im|sp|mu)>)", re.S)
 _MARKERS = re.compile(r"(<-Ins->|<-Res->)")
 
 
@@ -59,13 +60,19 @@ def string_to_parts(layout: VocabLayout, message: str) -> list[Part]:
     """A message with embedded spans and chain-of-modality markers -> parts."""
     parts: list[Part] = []
     pos = 0
-    for match in _SPAN.finditer(message):
+    for match in _span_pattern(layout).finditer(message):
         parts += _text_parts(message[pos : match.start()])
         modality, codes = string_to_codes(layout, match.group(0))
         parts.append(Media(modality, codes))
         pos = match.end()
     parts += _text_parts(message[pos:])
     return parts
+
+
+def _span_pattern(layout: VocabLayout) -> re.Pattern[str]:
+    """One ``start ... end`` alternative per modality of the layout (shortest match, across lines)."""
+    spans = [f"{re.escape(m.start)}.*?{re.escape(m.end)}" for m in layout.modalities.values()]
+    return re.compile("|".join(spans) or r"(?!)", re.S)
 
 
 def _text_parts(text: str) -> list[Part]:

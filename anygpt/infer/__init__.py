@@ -4,8 +4,8 @@
 - ``anygpt.infer.constraints``: the state machine that keeps every answer well-formed.
 - ``anygpt.infer.generation``: batched KV-cached sampling loop, streaming, device/dtype choice.
 - ``anygpt.infer.loading``: model directory -> LM + tokenizer + layout on a device.
-- ``anygpt.infer.mediaio``: files -> code spans (codecs) and spans -> .wav/.png (SoundStorm, unCLIP, Encodec).
-- ``anygpt.infer.tasks``: ``anygpt generate "text|image|a red bus"``.
+- ``anygpt.infer.mediaio``: files -> code spans and spans -> files, through each modality's plugin and codec.
+- ``anygpt.infer.tasks``: ``anygpt generate "text|image|a red bus"`` (both directions for every modality).
 - ``anygpt.infer.chat``: ``anygpt chat`` / ``launch/chat.py``.
 - ``anygpt.infer.bench``: ``anygpt bench infer``.
 

@@ -23,6 +23,12 @@ from typing import Any, Callable
 
 import torch
 
+from anygpt.decoders.soundstorm import DEFAULT_STEPS, SoundStorm, SoundStormConfig
+from anygpt.infer.generation import Generator, pick_device
+from anygpt.infer.settings import GenerationConfig
+from anygpt.model import build_model
+from anygpt.text_tokenizer import prepare_tokenizer, train_tiny_tokenizer
+
 # SoundStorm sizes for part 3: "tiny" is the test config (the CPU default); "small" takes minutes on a CPU; "release" is
 # AnyGPT's released decoder (dim 1024, 12 layers), the honest comparison on a GPU.
 SOUNDSTORM_SIZES: dict[str, dict[str, int]] = {
@@ -44,10 +50,6 @@ def _best(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def _tiny_lm(root: Path, model: str, device: torch.device):
-    from anygpt.infer.generation import Generator
-    from anygpt.model import build_model
-    from anygpt.text_tokenizer import prepare_tokenizer, train_tiny_tokenizer
-
     words = "the a red bus cat sings loud music speech picture quiet river green blue".split()
     texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(9)) for i in range(200)]
     train_tiny_tokenizer(texts, root / "tok", vocab_size=320)
@@ -59,9 +61,6 @@ def _tiny_lm(root: Path, model: str, device: torch.device):
 def bench_lm(model: str = "small", context: int = 1024, new_tokens: int = 32, free_tokens: int = 128,
              repeats: int = 3, device: str | None = None) -> dict[str, Any]:
     """Parts 1 and 2 (see the module docstring)."""
-    from anygpt.infer.generation import pick_device
-    from anygpt.infer.settings import GenerationConfig
-
     dev = pick_device(device)
     with tempfile.TemporaryDirectory(prefix="anygpt-bench-infer-") as tmp:
         gen, layout = _tiny_lm(Path(tmp), model, dev)
@@ -104,9 +103,6 @@ def bench_soundstorm(size: str = "small", seconds: float = 10.0, repeats: int = 
     as an AudioLM-style fine stage would.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from anygpt.decoders.soundstorm import DEFAULT_STEPS, SoundStorm, SoundStormConfig
-    from anygpt.infer.generation import pick_device
 
     if size not in SOUNDSTORM_SIZES:
         raise ValueError(f"unknown SoundStorm size {size!r}; use one of {sorted(SOUNDSTORM_SIZES)}")
@@ -161,8 +157,6 @@ def bench_infer(model: str = "small", context: int = 1024, soundstorm_size: str 
         repeats: timing repeats (best of).
         device: ``auto`` / ``cpu`` / ``cuda``.
     """
-    from anygpt.infer.generation import pick_device
-
     size = soundstorm_size or ("release" if pick_device(device).type == "cuda" else "tiny")
     lm = bench_lm(model=model, context=context, repeats=repeats, device=device)
     ss = bench_soundstorm(size=size, repeats=max(1, repeats - 1), device=device)

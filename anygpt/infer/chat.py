@@ -9,10 +9,10 @@ next to room for an answer, the oldest exchanges are dropped with a notice.
 Input lines::
 
     any text                  send it (with any pending attachments)
-    /image PATH [text]        attach an image (and send, when text follows)
-    /speech PATH [text]       attach speech
-    /music PATH [text]        attach music
-    /voice PATH | off         the voice to answer in (SoundStorm voice prompt)
+    /<modality> PATH [text]   attach a file of one of the model's modalities (/image, /speech ...)
+                              and send, when text follows
+    /voice PATH | off         the voice to answer in (SoundStorm voice prompt; models whose layout
+                              has the voice-prompt modality)
     /send                     send the pending attachments without text
     /settings [MODE.F=V ...]  show or change sampling settings
     /history  /reset  /save FILE  /help  /quit
@@ -35,28 +35,49 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 
 import numpy as np
 
+from anygpt import modalities as registry
 from anygpt.formats import Conversation, Marker, Media, Part, Text, Turn
 from anygpt.infer.generation import ConsoleStreamer, ContextError
-from anygpt.infer.mediaio import MediaIO
+from anygpt.infer.mediaio import MediaIO, no_modality, voice_modality
 from anygpt.infer.settings import GenerationConfig, apply_setting_overrides, settings_table
+from anygpt.layout import VocabLayout
 
-COMMANDS = ("/image", "/speech", "/music", "/voice", "/send", "/settings", "/history", "/reset", "/save",
-            "/help", "/quit", "/exit")
+GENERAL_COMMANDS = ("/send", "/settings", "/history", "/reset", "/save", "/help", "/quit", "/exit")
 
-HELP = """\
-Type a message and press Enter.  Commands:
-  /image PATH [text]      attach an image (sent at once when text follows)
-  /speech PATH [text]     attach a speech recording
-  /music PATH [text]      attach music
-  /send                   send pending attachments without text (an empty line does the same)
-  /voice PATH | off       answer speech in this voice (voice cloning); '/voice' shows the current one
-  /settings [M.F=V ...]   show or change sampling, e.g. /settings speech.temperature=0.8 all.top_p=0.9
-  /history                list the turns kept in context
-  /reset                  forget the conversation (settings and voice stay)
-  /save FILE              save the conversation as JSON (media as file paths)
-  /help                   this text
-  /quit                   leave (Ctrl-D too)
-Paths with spaces go in quotes; a line starting with '//' sends text that starts with '/'."""
+
+def example_file(modality: str) -> str:
+    """``file.png`` / ``file.wav`` / ...: a file name the modality reads, for hints."""
+    plugin = registry.get(modality)
+    return "file" + (plugin.suffixes[0] if plugin.suffixes else plugin.output_suffix)
+
+
+def commands(layout: VocabLayout) -> tuple[str, ...]:
+    """The chat's commands for a model: one ``/<modality>`` per modality of its layout, ``/voice`` when
+    it has the voice-prompt modality, then the general ones."""
+    voice = ("/voice",) if voice_modality(layout) else ()
+    return (*(f"/{m}" for m in layout.modalities), *voice, *GENERAL_COMMANDS)
+
+
+def help_text(layout: VocabLayout) -> str:
+    """``/help`` for a model (its modalities' commands, examples with its modalities' names)."""
+    rows = [(f"/{m} PATH [text]", f"attach a {m} file, e.g. /{m} {example_file(m)}"
+                                  + (" (sent at once when text follows)" if i == 0 else ""))
+            for i, m in enumerate(layout.modalities)]
+    rows.append(("/send", "send pending attachments without text (an empty line does the same)"))
+    voice = voice_modality(layout)
+    if voice is not None:
+        rows.append(("/voice PATH | off", f"answer {voice} in this voice (voice cloning); '/voice' shows the current one"))
+    example = next(iter(layout.modalities), "text")
+    rows += [("/settings [M.F=V ...]", f"show or change sampling, e.g. /settings {example}.temperature=0.8 all.top_p=0.9"),
+             ("/history", "list the turns kept in context"),
+             ("/reset", "forget the conversation (settings and voice stay)"),
+             ("/save FILE", "save the conversation as JSON (media as file paths)"),
+             ("/help", "this text"),
+             ("/quit", "leave (Ctrl-D too)")]
+    width = max(len(c) for c, _ in rows) + 2
+    lines = ["Type a message and press Enter.  Commands:"] + [f"  {c:<{width}}{h}" for c, h in rows]
+    lines.append("Paths with spaces go in quotes; a line starting with '//' sends text that starts with '/'.")
+    return "\n".join(lines)
 
 # The smallest answer worth generating: below this the prompt is "too long" rather than "tight".
 MIN_ANSWER_TOKENS = 16
@@ -109,6 +130,8 @@ class ChatSession:
         self.files: dict[int, str] = {}  # id(Media part) -> file it came from / was written to
         self.turn_no = 0
         self.dropped_total = 0
+        self.commands = commands(lm.layout)
+        self.voice_modality = voice_modality(lm.layout)
 
     # ------------------------------------------------------------------ output helpers
     def say(self, msg: str) -> None:
@@ -156,9 +179,11 @@ class ChatSession:
         if cmd in ("/quit", "/exit"):
             return False
         if cmd == "/help":
-            self.say(HELP)
-        elif cmd in ("/image", "/speech", "/music"):
+            self.say(help_text(self.lm.layout))
+        elif cmd[1:] in self.lm.layout.modalities:
             self.attach(cmd[1:], rest)
+        elif cmd[1:] in registry.names():
+            self.error(no_modality(self.lm.layout, cmd[1:]))
         elif cmd == "/voice":
             self.set_voice(rest.strip())
         elif cmd == "/send":
@@ -187,7 +212,7 @@ class ChatSession:
     def attach(self, modality: str, rest: str) -> None:
         path, text = split_path_arg(rest)
         if not path:
-            raise ValueError(f"/{modality} needs a file path, e.g. /{modality} file{'.png' if modality == 'image' else '.wav'}")
+            raise ValueError(f"/{modality} needs a file path, e.g. /{modality} {example_file(modality)}")
         part, notes = self.media.encode_file(modality, path)
         for n in notes:
             self.say(f"note: {n}")
@@ -213,7 +238,7 @@ class ChatSession:
         for n in notes:
             self.say(f"note: {n}")
         self.voice, self.voice_path = codes, path
-        self.say(f"(speech answers will use the voice of {path}: {codes.shape[1]} frames)")
+        self.say(f"({self.voice_modality} answers will use the voice of {path}: {codes.shape[1]} frames)")
 
     def settings(self, overrides: list[str]) -> None:
         if overrides:
@@ -323,7 +348,7 @@ class ChatSession:
             k += 1
             try:
                 rendered = self.media.render(part, self.out_dir, f"turn{self.turn_no:03d}-{k}-{part.modality}",
-                                             voice=self.voice if part.modality == "speech" else None)
+                                             voice=self.voice if part.modality == self.voice_modality else None)
             except (ValueError, OSError) as e:
                 self.error(f"cannot render the {part.modality} answer: {str(e).splitlines()[0]}")
                 continue
@@ -354,7 +379,7 @@ def _script_lines(source: str, echo: Callable[[str], None]) -> Iterator[str]:
             stream.close()
 
 
-def _setup_readline(history_file: Path | None) -> Callable[[], None]:
+def _setup_readline(history_file: Path | None, names: tuple[str, ...]) -> Callable[[], None]:
     """Line editing, history and tab completion (commands, then file paths) when readline exists."""
     try:
         import readline
@@ -365,7 +390,7 @@ def _setup_readline(history_file: Path | None) -> Callable[[], None]:
     def complete(text: str, state: int) -> str | None:
         buf = readline.get_line_buffer()
         if buf.startswith("/") and " " not in buf:
-            options = [c for c in COMMANDS if c.startswith(text)]
+            options = [c for c in names if c.startswith(text)]
         else:
             options = [p + ("/" if os.path.isdir(p) else "") for p in glob.glob(os.path.expanduser(text) + "*")]
         return options[state] if state < len(options) else None
@@ -412,7 +437,7 @@ def run_chat(session: ChatSession, script: str | None = None, history_file: Path
             except StopIteration:
                 raise EOFError from None
     else:
-        save_history = _setup_readline(history_file) if read_line is None else (lambda: None)
+        save_history = _setup_readline(history_file, session.commands) if read_line is None else (lambda: None)
         reader = read_line or input
     try:
         while True:

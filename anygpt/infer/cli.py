@@ -5,6 +5,11 @@ Both load a model directory (our export or a released AnyGPT checkpoint), find c
 speech decoder in ``--soundstorm`` (default ``MODEL/soundstorm`` or ``CODECS/soundstorm``), and
 write generated media under ``--out``.  Options that can be checked without a model (task strings,
 sampling overrides, script file) are checked first, so a typo fails in a second, not after loading.
+
+The per-modality flags come from the registered plugins: ``--max-{m}-seconds`` for each modality
+with an input limit (``max_input_seconds``), ``--max-voice-seconds`` for the voice prompt, and
+``--{m}-{option}`` for each decode option of its renderer (``render_options``: ``--image-steps``,
+``--image-guidance`` ...).  This module stays light (the registry, no torch) so ``--help`` is quick.
 """
 from __future__ import annotations
 
@@ -14,7 +19,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from anygpt import modalities as registry
+
 DEFAULT_OUT = "anygpt_outputs"
+
+
+def _flag(*words: str) -> str:
+    return "--" + "-".join(w.replace("_", "-") for w in words)
+
+
+def _dest(*words: str) -> str:
+    return "_".join(w.replace("-", "_") for w in words)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -23,7 +38,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="model directory: an 'anygpt export' or a released AnyGPT checkpoint")
     g.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer directory (default: the model's)")
     g.add_argument("--codecs", default=None, metavar="DIR|tiny",
-                   help="codecs directory with speech/ music/ image/ (default: MODEL/codecs); 'tiny' = random codecs")
+                   help="codecs directory, one codec directory per modality "
+                        f"({' '.join(m + '/' for m in registry.names())}; default: MODEL/codecs); 'tiny' = random codecs")
     g.add_argument("--soundstorm", default=None, metavar="DIR|FILE.pt|tiny|none",
                    help="speech acoustic decoder: a SoundStorm directory or AnyGPT's released .pt "
                         "(default: MODEL/soundstorm, then CODECS/soundstorm); 'none' renders layer 1 only")
@@ -35,28 +51,41 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="cap on prompt + answer tokens (default: the model's max_position_embeddings)")
     s = p.add_argument_group("sampling")
     s.add_argument("--max-new-tokens", type=int, default=2048, metavar="N", help="most tokens per answer (default 2048)")
-    s.add_argument("--seed", type=int, default=None, help="fix sampling (LM, SoundStorm, unCLIP) for reproducible outputs")
+    s.add_argument("--seed", type=int, default=None,
+                   help="fix sampling (LM, acoustic decoder, renderers) for reproducible outputs")
     s.add_argument("--greedy", action="store_true", help="argmax decoding in every mode")
+    first = next(iter(registry.names()), "text")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="MODE.FIELD=VALUE",
-                   help="per-modality sampling, e.g. --set speech.temperature=0.8 --set all.top_p=0.9 "
-                        "(modes: text image speech music all; fields: temperature top_p top_k "
-                        "repetition_penalty max_tokens); repeatable")
+                   help=f"per-modality sampling, e.g. --set {first}.temperature=0.8 --set all.top_p=0.9 "
+                        f"(modes: text {' '.join(registry.names())} all; fields: temperature top_p top_k "
+                        f"repetition_penalty max_tokens); repeatable")
     s.add_argument("--unconstrained", action="store_true",
                    help="sample without the span constraints (malformed output is reported, not prevented)")
     m = p.add_argument_group("media limits and rendering")
-    m.add_argument("--max-speech-seconds", type=float, default=None, metavar="S", help="longest speech input (default 30)")
-    m.add_argument("--max-music-seconds", type=float, default=None, metavar="S", help="longest music input (default 10)")
-    m.add_argument("--max-voice-seconds", type=float, default=None, metavar="S", help="longest voice prompt (default 10)")
-    m.add_argument("--image-steps", type=int, default=None, metavar="N", help="unCLIP denoising steps (renderer default 25)")
-    m.add_argument("--image-guidance", type=float, default=None, metavar="G", help="unCLIP guidance scale (default 10)")
+    voice = None
+    for name, plugin in registry.registered().items():
+        if plugin.max_input_seconds is not None:
+            m.add_argument(_flag("max", name, "seconds"), dest=_dest("max", name, "seconds"), type=float,
+                           default=None, metavar="S",
+                           help=f"longest {name} input, longer is cut (default {plugin.max_input_seconds:g})")
+        if plugin.acoustic_prompt and voice is None:
+            voice = plugin
+    if voice is not None:
+        m.add_argument("--max-voice-seconds", type=float, default=None, metavar="S",
+                       help=f"longest voice prompt for {voice.name} (default {voice.prompt_max_seconds:g})")
+    for name, plugin in registry.registered().items():
+        for option, (kind, text) in plugin.render_options.items():
+            m.add_argument(_flag(name, option), dest=_dest(name, option), type=kind, default=None,
+                           metavar=option.upper(), help=f"{name} rendering: {text}")
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate", help="run base-model tasks such as 'text|image|a red bus' or 'speech|text|clip.wav'",
-        description="Run stage-1 (base model) tasks 'in|out|content[|voice.wav]' as one batch: text|image|CAPTION, "
-                    "image|text|X.png, text|speech|WORDS[|VOICE.wav], speech|text|X.wav, text|music|CAPTION, "
-                    "music|text|X.wav. Outputs are written under --out and their paths printed.")
+        description="Run stage-1 (base model) tasks 'in|out|content[|voice.wav]' as one batch: text|M|TEXT and "
+                    f"M|text|FILE for each modality M of the model ({', '.join(registry.names())}); the voice "
+                    "recording only for the voice-prompt modality. Outputs are written under --out and their "
+                    "paths printed.")
     p.add_argument("tasks", nargs="+", metavar="TASK", help="in|out|content[|voice.wav]")
     p.add_argument("--samples", type=int, default=1, metavar="N", help="answers per task (batched)")
     p.add_argument("--instruction", default=None, help="instruction text (default: the first of the training pool)")
@@ -68,10 +97,11 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_chat_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "chat", help="multi-turn multimodal chat (files attached with /image /speech /music)",
-        description="Interactive chat with line editing and history; attach files with /image, /speech, /music, "
-                    "pick the answer voice with /voice; /help lists commands. With --script FILE (or - for "
-                    "stdin, also used when stdin is not a terminal) the same lines are read non-interactively.")
+        "chat", help=f"multi-turn multimodal chat (files attached with {' '.join('/' + m for m in registry.names())})",
+        description="Interactive chat with line editing and history; attach files with /<modality> PATH for each "
+                    f"modality of the model ({', '.join('/' + m for m in registry.names())}), pick the answer voice "
+                    "with /voice; /help lists commands. With --script FILE (or - for stdin, also used when stdin is "
+                    "not a terminal) the same lines are read non-interactively.")
     p.add_argument("--script", default=None, metavar="FILE|-", help="read input lines from FILE or stdin ('-')")
     p.add_argument("--system", default=None, help="system prompt (default: the one recorded in the export, else none)")
     p.add_argument("--answer-reserve", type=int, default=None, metavar="N",
@@ -98,21 +128,39 @@ def _config(args: argparse.Namespace):
 
 def _load(args: argparse.Namespace, say) -> tuple[Any, Any]:
     from anygpt.infer.loading import load_lm
-    from anygpt.infer.mediaio import MediaIO, resolve_codecs, resolve_soundstorm
+    from anygpt.infer.mediaio import MediaIO, resolve_codecs, resolve_soundstorm, voice_modality
 
     model_dir = Path(args.model)
     codecs = resolve_codecs(args.codecs, model_dir)
     soundstorm = resolve_soundstorm(args.soundstorm, model_dir, codecs)
     lm = load_lm(model_dir, args.tokenizer, args.device, args.dtype, args.context)
+    has = ", ".join(lm.layout.modalities) or "text only"
+    missing = lm.layout.missing()  # reported, never guessed
+    lacks = f" (no {', '.join(missing)})" if missing else ""
     say(f"loaded {model_dir} on {lm.device} ({next(lm.model.parameters()).dtype}), context {lm.context_length}, "
-        f"roles {lm.layout.roles['user']}/{lm.layout.roles['assistant']}; codecs: {codecs or 'none'}; "
-        f"speech decoder: {soundstorm or 'none'}")
-    limits = {k: v for k, v in (("speech", args.max_speech_seconds), ("music", args.max_music_seconds),
-                                ("voice", args.max_voice_seconds)) if v is not None}
-    image = {"steps": args.image_steps, "guidance": args.image_guidance, "seed": args.seed}
-    media = MediaIO(lm.layout, codecs, soundstorm, lm.device, limits, image, speech_seed=args.seed,
-                    notice=lambda msg: say(f"note: {msg}"))
+        f"roles {lm.layout.roles['user']}/{lm.layout.roles['assistant']}; modalities: {has}{lacks}; "
+        f"codecs: {codecs or 'none'}; {voice_modality(lm.layout) or 'acoustic'} decoder: {soundstorm or 'none'}")
+    media = MediaIO(lm.layout, codecs, soundstorm, lm.device, _limits(args), _render_options(args), seed=args.seed)
     return lm, media
+
+
+def _limits(args: argparse.Namespace) -> dict[str, float]:
+    """``--max-{m}-seconds`` and ``--max-voice-seconds`` that were given, by modality (and ``voice``)."""
+    keys = [*registry.names(), "voice"]
+    return {k: v for k in keys if (v := getattr(args, _dest("max", k, "seconds"), None)) is not None}
+
+
+def _render_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """``--{m}-{option}`` by modality; a renderer's ``seed`` option follows ``--seed`` unless given."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, plugin in registry.registered().items():
+        for option in plugin.render_options:
+            value = getattr(args, _dest(name, option), None)
+            if value is None and option == "seed":
+                value = args.seed
+            if value is not None:
+                out.setdefault(name, {})[option] = value
+    return out
 
 
 def _system_prompt(args: argparse.Namespace) -> str | None:

@@ -4,6 +4,8 @@ A model directory is either our export (Hugging Face model + tokenizer + ``vocab
 codec cards, maybe ``codecs/`` and ``soundstorm/``) or a released AnyGPT checkpoint (HF model +
 tokenizer with AnyGPT's added tokens, no ``vocab_layout.json``): the layout is then read from the
 tokenizer, so role tokens (``[MMGPT]``/``<eos>`` in the release) come from the checkpoint itself.
+A layout may hold any subset of the registered modalities (a speech-only model has just speech);
+what it lacks is reported by ``layout.missing()``, never guessed.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 from anygpt.infer.generation import Generator, pick_device, pick_dtype
 from anygpt.layout import VocabLayout
 from anygpt.model import quiet_transformers
+from anygpt.text_tokenizer import load_tokenizer, read_layout
 
 
 class ModelLoadError(ValueError):
@@ -54,8 +57,6 @@ def load_lm(model_dir: str | Path, tokenizer_dir: str | Path | None = None, devi
         context_length: cap on prompt + answer (default: the model's ``max_position_embeddings``).
     """
     from transformers import AutoModelForCausalLM
-
-    from anygpt.text_tokenizer import load_tokenizer, read_layout
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():

@@ -7,16 +7,31 @@ colour and music into a drone), music needed top-k and a repetition penalty to s
 every row of a batch carries its own :class:`SamplingSettings`, chosen by the generation state and
 switched the moment a span's start token is generated (and switched back at its end marker).
 
-Defaults follow AnyGPT's released ``config/*_generate_config.json`` where it had one (temperature 1,
-top-p 1, music top-k 200 with repetition penalty 1.15, speech repetition penalty 1.05), except text,
-where a chat wants a little less randomness (0.7 / 0.9).
+The span defaults are each modality plugin's ``sampling`` (the built-in ones follow AnyGPT's released
+``config/*_generate_config.json``: temperature 1, top-p 1, music top-k 200 with repetition penalty
+1.15, speech repetition penalty 1.05); text, where a chat wants a little less randomness, uses
+0.7 / 0.9.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping
 
-MODES = ("text", "image", "speech", "music")
+from anygpt import modalities as registry
+
+TEXT_SETTINGS = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 512}
+
+
+def mode_names() -> tuple[str, ...]:
+    """Sampling modes: ``text`` and every registered modality, in registry order."""
+    return ("text", *registry.names())
+
+
+def __getattr__(name: str) -> Any:
+    # ``MODES`` is asked for when used, so a plugin registered after import is a mode too.
+    if name == "MODES":
+        return mode_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -29,7 +44,8 @@ class SamplingSettings:
         top_k: keep only the ``top_k`` most likely tokens (0 = off).
         repetition_penalty: HF/CTRL-style penalty (> 1 discourages ids already in the sequence).
         max_tokens: most ids this mode may produce: for text, text tokens in the whole turn; for a
-            modality, ids inside one span (music counts 4 ids per frame; image spans are always 32).
+            modality, ids inside one span (a modality with K codebooks counts K ids per frame; a
+            fixed-length span, such as an image's 32 codes, is always its length).
     """
 
     temperature: float = 1.0
@@ -56,14 +72,14 @@ class SamplingSettings:
 
 
 def default_settings() -> dict[str, SamplingSettings]:
-    return {
-        "text": SamplingSettings(temperature=0.7, top_p=0.9, max_tokens=512),
-        "image": SamplingSettings(temperature=1.0, top_p=1.0, max_tokens=32),
-        # 1500 ids = 30 s at 50 Hz (AnyGPT's speech max_new_tokens).
-        "speech": SamplingSettings(temperature=1.0, top_p=1.0, repetition_penalty=1.05, max_tokens=1500),
-        # 2000 ids = 500 frames = 10 s at 50 Hz x 4 codebooks (AnyGPT's music max_new_tokens).
-        "music": SamplingSettings(temperature=1.0, top_p=1.0, top_k=200, repetition_penalty=1.15, max_tokens=2000),
-    }
+    """Text's settings and each registered modality's (its plugin's ``sampling``), by mode name."""
+    out = {"text": SamplingSettings(**TEXT_SETTINGS)}
+    for name, plugin in registry.registered().items():
+        try:
+            out[name] = SamplingSettings(**plugin.sampling)
+        except (TypeError, ValueError) as e:  # a plugin's typo must name the plugin
+            raise ValueError(f"modality {name!r}: bad sampling defaults {plugin.sampling}: {e}") from None
+    return out
 
 
 @dataclass
@@ -115,9 +131,10 @@ def apply_setting_overrides(modes: Mapping[str, SamplingSettings], overrides: It
             raise ValueError(f"setting {item!r}: expected MODE.FIELD=VALUE, e.g. speech.temperature=0.8")
         if name not in names:
             raise ValueError(f"setting {item!r}: unknown field {name!r}; fields: {', '.join(names)}")
-        targets = list(MODES) if mode == "all" else [mode]
-        if mode != "all" and mode not in MODES:
-            raise ValueError(f"setting {item!r}: unknown mode {mode!r}; modes: {', '.join(MODES)}, all")
+        known = mode_names()
+        targets = list(known) if mode == "all" else [mode]
+        if mode != "all" and mode not in known:
+            raise ValueError(f"setting {item!r}: unknown mode {mode!r}; modes: {', '.join(known)}, all")
         kind = int if name in ("top_k", "max_tokens") else float
         try:
             parsed: Any = kind(value.strip())

@@ -3,14 +3,14 @@
 A stage-1 model learned text-centric pairs in both directions (``anygpt.formats.pretrain_pair``), so a
 task is rendered as exactly such a pair's user turn followed by ``[AnyGPT] ":"``, and the answer is
 constrained to what the task asks for: one span of the target modality (text -> X) or text only
-(X -> text).  Supported::
+(X -> text).  Every modality of the model's layout has both directions, e.g.::
 
     text|image|a red bus          image|text|photo.png
     text|speech|hello there[|voice.wav]   speech|text|clip.wav
-    text|music|calm piano         music|text|song.wav
 
-Several tasks run as one batch; outputs go to ``--out`` (text answers as ``.txt`` too) and their
-paths are printed.
+(the trailing voice recording only for the modality that takes a voice prompt).  Several tasks run
+as one batch; outputs go to ``--out`` (text answers as ``.txt`` too) and their paths are printed.
+A task for a modality the model lacks fails with one line; the others still run.
 """
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ from typing import Any, Sequence, TextIO
 
 import numpy as np
 
+from anygpt import modalities as registry
 from anygpt.formats import Conversation, FormatIssue, Media, instruction_pool, pretrain_pair
 from anygpt.infer.generation import ConsoleStreamer, GenerationResult
-from anygpt.infer.mediaio import MediaIO, Rendered, slug, unique_path
+from anygpt.infer.mediaio import MediaIO, Rendered, no_modality, slug, unique_path, voice_modality
 from anygpt.infer.settings import GenerationConfig
-
-MEDIA = ("image", "speech", "music")
+from anygpt.layout import VocabLayout
 
 
 class TaskError(ValueError):
@@ -42,7 +42,7 @@ class Task:
         source: input modality (``text`` or a media modality).
         target: output modality (``text`` when the source is media).
         content: the text (text -> X) or the media file path (X -> text).
-        voice: a recording of the voice to speak in (``text|speech`` only).
+        voice: a recording of the voice to speak in (text -> the voice-prompt modality only).
     """
 
     source: str
@@ -63,25 +63,31 @@ class Task:
         return "|".join([self.source, self.target, self.content] + ([self.voice] if self.voice else []))
 
 
-def parse_task(spec: str) -> Task:
-    """``in|out|content[|voice.wav]`` -> :class:`Task` (``TaskError`` with the expected forms)."""
+def parse_task(spec: str, layout: VocabLayout | None = None) -> Task:
+    """``in|out|content[|voice.wav]`` -> :class:`Task` (``TaskError`` with the expected forms).
+
+    The modalities are those of ``layout`` (a loaded model) or, before a model is loaded, every
+    registered one; a trailing ``|voice.wav`` is read for the modality with a voice prompt.
+    """
+    media = tuple(layout.modalities) if layout is not None else registry.names()
     parts = spec.split("|")
     if len(parts) < 3:
-        raise TaskError(f"task {spec!r}: expected in|out|content, e.g. 'text|image|a red bus' or 'speech|text|clip.wav'")
+        m = media[0] if media else "M"
+        raise TaskError(f"task {spec!r}: expected in|out|content, e.g. 'text|{m}|a caption' or '{m}|text|FILE'")
     src, dst = parts[0].strip().lower(), parts[1].strip().lower()
     rest = parts[2:]
     voice = None
-    if src == "text" and dst == "speech" and len(rest) > 1:
+    if src == "text" and dst == voice_modality(layout) and len(rest) > 1:
         voice = rest[-1].strip() or None
         rest = rest[:-1]
     content = "|".join(rest).strip()
-    known = ("text",) + MEDIA
+    known = ("text",) + tuple(media)
     for side, name in (("input", src), ("output", dst)):
         if name not in known:
             raise TaskError(f"task {spec!r}: unknown {side} modality {name!r}; use one of {', '.join(known)}")
     if (src == "text") == (dst == "text"):
-        raise TaskError(f"task {spec!r}: exactly one side must be text (text|image, image|text, text|speech, "
-                        f"speech|text, text|music, music|text)")
+        forms = ", ".join(f"text|{m}, {m}|text" for m in media)
+        raise TaskError(f"task {spec!r}: exactly one side must be text ({forms})")
     if not content:
         raise TaskError(f"task {spec!r}: the content is empty")
     return Task(src, dst, content, voice)
@@ -158,6 +164,8 @@ def run_tasks(lm: Any, media: MediaIO, tasks: Sequence[Task | str], config: Gene
     for task in parsed:
         res = TaskResult(task)
         try:
+            if task.modality not in lm.layout.modalities:
+                raise TaskError(f"{task}: {no_modality(lm.layout, task.modality)}")
             enc = None
             if task.direction == "x2text":
                 enc, notes = media.encode_file(task.modality, task.content)
