@@ -38,7 +38,6 @@ from typing import Any
 import yaml
 
 from anygpt import modalities as registry
-from anygpt.decoders.soundstorm import SoundStormConfig
 from anygpt.decoders.train_soundstorm import train_soundstorm
 from anygpt.demo.corpus import make_corpus
 from anygpt.demo.evaluate import score_demo, summary_table, write_eval_suite
@@ -202,8 +201,11 @@ def render_samples(model_dir: Path, corpus_dir: Path, out_dir: Path) -> list[dic
     the task runner; files take the plugins' output suffixes."""
     lm = load_lm(model_dir)
     codecs = resolve_codecs(None, model_dir)
+    # Few denoising steps where a renderer takes them (the tiny unCLIP): the samples show the pipeline works.
+    quick = {"steps": 2, "seed": 0}
+    render = {m: {k: v for k, v in quick.items() if k in registry.get(m).render_options} for m in lm.layout.modalities}
     media = MediaIO(lm.layout, codecs, resolve_soundstorm(None, model_dir, codecs), lm.device,
-                    image_options={"steps": 2, "seed": 0}, speech_seed=0)
+                    render_options=render, seed=0)
     first = {m: json.loads((corpus_dir / f"test_{m}.jsonl").read_text(encoding="utf-8").splitlines()[0])
              for m in demo_modalities()}
     tasks = [f"text|{m}|{first[m]['text']}" for m in first]
@@ -283,7 +285,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
                                          f"{settings.soundstorm_steps} steps"):
             train_soundstorm([str(p) for m in acoustic for p in sorted((shards / f"train_{m}").glob("*.tar"))],
                              model_dir / "soundstorm", steps=settings.soundstorm_steps, batch_size=8, lr=1e-3,
-                             seed=seed, device="cpu", config=SoundStormConfig.tiny(), max_frames=200,
+                             seed=seed, device="cpu", size="tiny", codecs=codecs_dir, max_frames=200,
                              progress=False)
     with Step(timings, "eval", f"every direction on {settings.eval_items} held-out items"):
         write_eval_suite(out)
