@@ -250,7 +250,7 @@ class Trainer:
                               max_batches=self.cfg.run.eval_max_batches, all_reduce=self._all_reduce)
         row = {"step": self.step, **result}
         self.logger.log_eval(row)
-        tasks = " ".join(f"{k} {v:.3f}" for k, v in by_task.items())
+        tasks = " ".join(f"{k} {v:.3f}" for k, v in row["loss_by_task"].items())
         self.say(f"eval step {self.step} | loss {row['loss']:.4f} | {tasks}")
         self.last_eval = row
         return row
