@@ -57,6 +57,20 @@ def test_packer_state_round_trip():
     assert [e.key for e in p.next_row(lambda: next(it1))] == [e.key for e in q.next_row(lambda: next(it2))]
 
 
+def test_example_state_saves_the_task_name_and_reads_legacy_ids():
+    from anygpt.data import task_names
+
+    ex = Example(np.arange(6, dtype=np.int64), np.array([0, 1, 1, 0, 1, 1], bool), "src/shard/k", 4)
+    state = json.loads(json.dumps(ex.to_state()))
+    assert state[3] == task_names()[4] == "text2speech"  # by name: robust to tasks a plugin appends later
+    back = Example.from_state(state)
+    assert back.task == 4 and back.key == ex.key and np.array_equal(back.ids, ex.ids)
+    assert np.array_equal(back.mask, ex.mask)
+    assert Example.from_state([state[0], state[1], state[2], 4]).task == 4  # a state saved with the id
+    with pytest.raises(ValueError, match="unknown task 'text2video'"):
+        Example.from_state([state[0], state[1], state[2], "text2video"])
+
+
 def test_collate_masks_positions_labels():
     exs = make_examples(3, 5, 9, seed=3)
     rows = [exs[:2], [exs[2]], []]

@@ -216,6 +216,25 @@ def _assert_assistant_only(batch: dict, layout) -> int:
     return int((labels[:, 1:] != -100).sum())
 
 
+def test_anygpt_eval_of_the_export_equals_the_trainers_final_eval(run_a, export_a, corpus, tmp_path):
+    """One held-out loss: the trainer's last eval row (2 ranks, ZeRO-3, all-reduced sums) and
+    `anygpt eval` on the export (one process, other batch shape) agree on the same shards."""
+    last = [json.loads(x) for x in (run_a / "eval.jsonl").read_text().splitlines()][-1]
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "anygpt.cli", "eval", "--model", str(export_a), "--data",
+                           corpus["eval"], "--seq-len", "128", "--out", str(out)],
+                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert last["step"] == STEPS and got["read"]["rows"] <= 8 * 2 * 2  # the run's eval_max_batches covered it all
+    assert got["tokens"] == last["tokens"] > 0
+    assert got["loss"] == pytest.approx(last["loss"], abs=1e-5)
+    for key in ("loss_by_task", "loss_by_modality"):
+        assert set(got[key]) == set(last[key]) and len(got[key]) > 1, key
+        for name, value in last[key].items():
+            assert got[key][name] == pytest.approx(value, abs=1e-5), (key, name)
+
+
 def test_stage2_trains_only_on_assistant_tokens(run_a, corpus, tmp_path):
     from anygpt.config import load_train_config
     from anygpt.data import build_train_loader

@@ -53,30 +53,30 @@ Batch format (both loaders) -- a dict:
   ``segment_ids``, or pass no mask with flash-attention-2, which detects packing from
   ``position_ids``).
 - ``segment_ids``  ``LongTensor [B, L]``  0 = padding, 1..n = index of the example in its row.
-- ``tasks``        ``LongTensor [B, L]``  per-token task id, names in :data:`TASK_NAMES`
-  (``0 = "pad"``, ``image2text``, ``text2image``, ``speech2text``, ``text2speech``,
-  ``music2text``, ``text2music``, ``sft``).  The loss of target ``labels[b, t]`` belongs to
+- ``tasks``        ``LongTensor [B, L]``  per-token task id, names in :func:`task_names` (``0 = "pad"``,
+  then ``X2text``/``text2X`` per modality and ``sft``, append-only like the layout: built-in ids
+  never move when a plugin adds a modality).  The loss of target ``labels[b, t]`` belongs to
   ``tasks[b, t]``: per-task loss = sum over ``labels != -100`` grouped by task.
 - ``keys``         ``list[list[str]]``  per row, ``"source/shard_basename/__key__"`` of each packed
   example (for logging a non-finite loss).
 
 Helpers: :func:`expand_shards` (paths, globs, brace patterns, directories, ``pipe:``/URL specs,
 several joined with ``::``), :func:`block_causal_mask`, :func:`to_additive_mask`, :class:`Packer`,
-:func:`pack_examples`, :data:`TASK_NAMES`, ``anygpt.data.bench.bench_loader() -> dict``.
+:func:`pack_examples`, :func:`task_names` (also ``TASK_NAMES``), ``anygpt.data.bench.bench_loader() -> dict``.
 
-Shard sample schema read here (``data_pipeline``'s format 1; see its package docstring): ``__key__``;
-``json`` with ``kind`` ``"pair"`` (+ ``text``, ``modality``) or ``"conversation"`` (+ ``conversation``:
-turns ``{"role": "user"|"assistant", "content": [{"text": s} | {"marker": "<-Ins->"|"<-Res->"} |
-{"speech"|"image"|"music": "<npy name>"} | {"media": "<npy name>", "modality": m}]}``, ``system``
-string or null -> ``cfg.data.system_prompt``); pairs carry ``speech.npy`` / ``image.npy`` /
-``music.npy``, conversations ``m{i}.{modality}.npy``: integer codes ``[K, T]`` (only the first
+Shard samples are read through :mod:`anygpt.data.schema`, the one owner of the shard and sample
+format (see its docstring); codes are checked against the run's layout (only the first
 ``num_codebooks`` rows reach the LM).  The sample's *shape* picks the template (pair or
 conversation); the source's ``kind`` picks the loss (``pretrain``: ``cfg.data.loss``; ``sft``: assistant
 turns only; conversations are always assistant-only).  Bad samples (malformed json, missing or
 unreadable npy, out-of-range codes, empty text, too long, anything else that raises) are skipped,
 counted by reason (``stats()["skipped_by_reason"]``) and logged with their key (first 20 per reason,
-then every 1000th); a truncated or unreadable shard is logged with its name and skipped.  A source
-whose whole epoch yields nothing usable raises :class:`DataError` (instead of spinning forever).
+then every 1000th).  A damaged shard (truncated, a tar header corrupted mid-file, fewer samples
+than its ``__shard__`` header declares, a newer format version) is logged once with its name, its
+readable samples are used, and the run goes on: ``stats()["bad_shards"]`` (url -> message) and
+``stats()["lost_samples"]`` (what the headers say could not be read) count it, as does the eval
+loader's ``last_stats``.  A source whose whole epoch yields nothing usable raises
+:class:`DataError` (instead of spinning forever).
 
 Trainer notes: save ``loader.state_dict()`` of *every* rank (e.g. ``data_state_rank{r}.json`` in
 the checkpoint), load it into a freshly built loader before the first ``next``.  Per-task loss:
@@ -104,14 +104,22 @@ Design decisions (why):
   ``cfg.data.shuffle_buffer`` samples (re-readable from the block start, so exact resume needs no
   buffer contents), then mixing across sources and best-fit packing.
 """
-from anygpt.data.examples import TASK_NAMES, Example, ExampleBuilder
+from typing import Any
+
+from anygpt.data.examples import Example, ExampleBuilder, task_names
 from anygpt.data.loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
 from anygpt.data.packing import Packer, block_causal_mask, collate_rows, pack_examples, to_additive_mask
 from anygpt.data.shards import ShardError, expand_shards, iter_shard_samples
 from anygpt.data.streams import DataError
 
 __all__ = [
-    "TASK_NAMES", "Example", "ExampleBuilder", "EvalLoader", "TrainLoader", "build_eval_loader",
+    "TASK_NAMES", "task_names", "Example", "ExampleBuilder", "EvalLoader", "TrainLoader", "build_eval_loader",
     "build_train_loader", "Packer", "block_causal_mask", "collate_rows", "pack_examples", "to_additive_mask",
     "ShardError", "expand_shards", "iter_shard_samples", "DataError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TASK_NAMES":  # follows the registry, see task_names()
+        return task_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

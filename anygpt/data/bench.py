@@ -9,8 +9,10 @@ Each number is a ratio measured side by side in one run on the same samples:
 - sequence building ids/s: layout arithmetic (:class:`~anygpt.formats.SequenceFormat`) vs AnyGPT's
   way (modality codes as ``<🗣️N>`` token strings through an HF tokenizer holding ~17k added tokens).
 
-Without ``shards`` it builds a small synthetic corpus (tiny tokenizer, random codes with realistic
-lengths: speech 2-8 s at 50 Hz, 32-code images, music 2-5 s of 4 codebooks, 4-turn dialogues).
+Without ``shards`` it builds a small synthetic corpus (tiny tokenizer; per registered modality,
+random codes shaped by its default codec card: 2-6 s of frames for timed media, the card's fixed
+span length otherwise; 4-turn dialogues), written through :func:`anygpt.data.schema.encode_sample`
+and the data pipeline's shard writer like real shards.
 """
 from __future__ import annotations
 
@@ -18,9 +20,13 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from anygpt import modalities as registry
+from anygpt.data.schema import MediaItem, encode_sample
+from data_pipeline.shards import ChunkWriter
 
 _WORDS = ("a red circle on the left blue square at the top green triangle in the middle the speaker says "
           "hello world slow song minor key played piano three yellow stars white background cheerful tune "
@@ -31,41 +37,68 @@ def _sentence(rng: np.random.Generator, lo: int = 4, hi: int = 16) -> str:
     return " ".join(rng.choice(_WORDS, int(rng.integers(lo, hi))))
 
 
-def make_synthetic_corpus(out_dir: str | Path, n_speech: int = 400, n_image: int = 200, n_music: int = 100,
-                          n_chat: int = 100, per_shard: int = 50, seed: int = 0) -> dict[str, str]:
-    """Write pair/conversation shards in the data_pipeline schema; returns ``{source: shard glob}``."""
-    import webdataset as wds
+def random_media(rng: np.random.Generator, modality: str, frames: tuple[int, int] | None = None,
+                 seconds: tuple[float, float] = (2.0, 6.0)) -> MediaItem:
+    """Random codes for ``modality`` shaped by its default codec card: every codebook the shards keep,
+    the card's fixed span length (``tokens_per_item``) or a number of frames drawn from ``frames``
+    (default: ``seconds`` at the card's frame rate)."""
+    card = registry.codec_card(modality)
+    k, size = int(card["num_codebooks"]), int(card["codebook_size"])
+    rate = card.get("frame_rate")
+    if card.get("tokens_per_item"):
+        t = int(card["tokens_per_item"])
+    else:
+        lo, hi = frames or ((int(seconds[0] * rate), int(seconds[1] * rate)) if rate else (4, 16))
+        t = int(rng.integers(lo, hi))
+    return MediaItem(modality, rng.integers(0, size, (k, t)), size, float(rate) if rate else None, card["name"])
 
+
+def write_samples(directory: str | Path, prefix: str, samples: Iterable[tuple[str, list, dict]],
+                  per_shard: int) -> list[Path]:
+    """Write :func:`~anygpt.data.schema.encode_sample` outputs into shards of ``per_shard`` samples
+    (``{prefix}-{n:06d}.tar``, with the counted ``__shard__`` header); returns the shard paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    writer, n = None, 0
+    for key, files, _ in samples:
+        if writer is None:
+            writer = ChunkWriter(directory, prefix, len(paths))
+        writer.add(key, files)
+        n += 1
+        if n == per_shard:
+            paths += [directory / part["name"] for part in writer.close()]
+            writer, n = None, 0
+    if writer is not None:
+        paths += [directory / part["name"] for part in writer.close()]
+    return paths
+
+
+def make_synthetic_corpus(out_dir: str | Path, pairs_per_modality: int = 230, n_chat: int = 100,
+                          per_shard: int = 50, seed: int = 0) -> dict[str, str]:
+    """Write pair shards (one source per registered modality) and conversation shards; returns
+    ``{source: shard glob}``."""
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
-
-    def codes(modality: str) -> np.ndarray:
-        if modality == "speech":
-            return rng.integers(0, 1024, (8, int(rng.integers(100, 400)))).astype(np.int16)
-        if modality == "image":
-            return rng.integers(0, 8192, (1, 32)).astype(np.int16)
-        return rng.integers(0, 2048, (4, int(rng.integers(100, 220)))).astype(np.int16)
-
+    mods = registry.names()
     specs = {}
-    for modality, n in (("speech", n_speech), ("image", n_image), ("music", n_music)):
-        (out_dir / modality).mkdir(parents=True, exist_ok=True)
-        with wds.ShardWriter(str(out_dir / modality / f"{modality}-%06d.tar"), maxcount=per_shard, verbose=0) as w:
-            for i in range(n):
-                w.write({"__key__": f"{modality}{i:06d}", f"{modality}.npy": codes(modality),
-                         "json": {"format": 1, "kind": "pair", "id": str(i), "source": "synthetic",
-                                  "modality": modality, "text": _sentence(rng)}})
+    for modality in mods:
+        samples = (encode_sample(id=f"{modality}{i:06d}", kind="pair", media=[random_media(rng, modality)],
+                                 source="synthetic", text=_sentence(rng)) for i in range(pairs_per_modality))
+        write_samples(out_dir / modality, modality, samples, per_shard)
         specs[modality] = str(out_dir / modality / "*.tar")
-    (out_dir / "chat").mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(out_dir / "chat" / "chat-%06d.tar"), maxcount=per_shard, verbose=0) as w:
-        for i in range(n_chat):
-            conv = [{"role": "user", "content": [{"speech": "m0.speech.npy"}]},
-                    {"role": "assistant", "content": [{"marker": "<-Ins->"}, {"text": _sentence(rng)},
-                                                      {"marker": "<-Res->"}, {"text": _sentence(rng)}]},
-                    {"role": "user", "content": [{"text": _sentence(rng)}]},
-                    {"role": "assistant", "content": [{"text": _sentence(rng, 2, 6)}, {"image": "m1.image.npy"}]}]
-            w.write({"__key__": f"chat{i:06d}", "m0.speech.npy": codes("speech"), "m1.image.npy": codes("image"),
-                     "json": {"format": 1, "kind": "conversation", "id": str(i), "source": "synthetic",
-                              "conversation": conv, "system": None}})
+
+    def chat(i: int) -> tuple:
+        asked, answered = mods[i % len(mods)], mods[(i + 1) % len(mods)]
+        conv = [{"role": "user", "content": [{"media": 0}]},
+                {"role": "assistant", "content": [{"marker": "<-Ins->"}, {"text": _sentence(rng)},
+                                                  {"marker": "<-Res->"}, {"text": _sentence(rng)}]},
+                {"role": "user", "content": [{"text": _sentence(rng)}]},
+                {"role": "assistant", "content": [{"text": _sentence(rng, 2, 6)}, {"media": 1}]}]
+        return encode_sample(id=f"chat{i:06d}", kind="conversation", source="synthetic", conversation=conv,
+                             media=[random_media(rng, asked), random_media(rng, answered)])
+
+    write_samples(out_dir / "chat", "chat", (chat(i) for i in range(n_chat)), per_shard)
     specs["chat"] = str(out_dir / "chat" / "*.tar")
     return specs
 
@@ -126,12 +159,12 @@ def _sequence_building(tok, layout, n: int = 300, seed: int = 0) -> dict:
 
     rng = np.random.default_rng(seed)
     fmt = SequenceFormat(tok, layout)
+    mods = list(layout.modalities)
     cases = []
     for i in range(n):
-        modality = ("speech", "image", "music")[i % 3]
-        t = {"speech": int(rng.integers(100, 400)), "image": 32, "music": int(rng.integers(100, 220))}[modality]
-        k, size = layout.modality(modality).num_codebooks, layout.modality(modality).codebook_size
-        media = Media(modality, rng.integers(0, size, (k, t)))
+        modality = mods[i % len(mods)]
+        k = layout.modality(modality).num_codebooks
+        media = Media(modality, random_media(rng, modality).codes[:k])
         direction = "x2text" if i % 2 else "text2x"
         cases.append(pretrain_pair(modality, media, _sentence(rng), direction, random.Random(i)))
     roles = layout.roles
@@ -197,7 +230,7 @@ def bench_loader(shards: dict[str, str] | None = None, tokenizer_dir: str | None
             ``batch_size * seq_len / step_time_s`` tokens/s).
         seconds, min_batches: how long to time each loader setting (in 3 interleaved rounds, best
             round kept).
-        corpus_scale: size of the synthetic corpus (1.0 = 800 samples).
+        corpus_scale: size of the synthetic corpus (1.0 = 230 pairs per modality + 100 dialogues).
     """
     from anygpt.layout import VocabLayout
     from anygpt.text_tokenizer import load_tokenizer, prepare_tokenizer, train_tiny_tokenizer
@@ -215,8 +248,8 @@ def bench_loader(shards: dict[str, str] | None = None, tokenizer_dir: str | None
             layout = VocabLayout.from_tokenizer(tok)
         if shards is None:
             c = corpus_scale
-            shards = make_synthetic_corpus(root / "shards", n_speech=max(8, int(400 * c)), n_image=max(4, int(200 * c)),
-                                           n_music=max(2, int(100 * c)), n_chat=max(2, int(100 * c)))
+            shards = make_synthetic_corpus(root / "shards", pairs_per_modality=max(4, int(230 * c)),
+                                           n_chat=max(2, int(100 * c)))
         setup_s = time.perf_counter() - t0
         cfg = _bench_config(shards, seq_len, batch_size)
         consumed = batch_size * seq_len / step_time_s

@@ -1,5 +1,9 @@
 """Shard samples -> rendered training examples (ids, loss mask, task tag), or a counted skip.
 
+Samples are read through :mod:`anygpt.data.schema` (the one owner of the sample format); this
+module adds what depends on the run: codes are checked against the run's layout (enough codebooks,
+every used code inside the modality's range) and rendered with its tokenizer.
+
 Everything here is a pure function of the sample, the source settings, the seed and the epoch:
 the direction of a stage-1 pair and its instruction are drawn from a ``random.Random`` seeded by
 ``(seed, source, epoch, shard name, key)`` (the shard's basename, so moving the data keeps the
@@ -8,28 +12,67 @@ RNG state.
 """
 from __future__ import annotations
 
-import io
-import json
 import random
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
+from anygpt import modalities as registry
+from anygpt.data.schema import Sample, SampleError, decode_sample
 from anygpt.data.shards import shard_name
 from anygpt.formats import Conversation, Marker, Media, SequenceFormat, Text, Turn, pretrain_pair
 from anygpt.layout import LayoutError, VocabLayout
 
-# Per-token task ids (stable: append new names at the end).
-TASK_NAMES: tuple[str, ...] = ("pad", "image2text", "text2image", "speech2text", "text2speech",
-                               "music2text", "text2music", "sft")
-TASK_ID = {name: i for i, name in enumerate(TASK_NAMES)}
-MARKERS = ("<-Ins->", "<-Res->")
+
+def task_names() -> tuple[str, ...]:
+    """Per-token task names; a name's index is its id in a batch's ``tasks``.
+
+    Append-only like the layout: ``pad``, the founding modalities' ``X2text``/``text2X`` (registry
+    order), ``sft``, then every later modality's pair, so the built-in ids never move when a plugin
+    is installed.  A modality missing from a run's layout simply leaves its ids unused.
+    """
+    plugins = registry.registered()
+    pairs = {name: (f"{name}2text", f"text2{name}") for name in plugins}
+    founding = [t for name, p in plugins.items() if p.founding for t in pairs[name]]
+    later = [t for name, p in plugins.items() if not p.founding for t in pairs[name]]
+    return ("pad", *founding, "sft", *later)
+
+
+def task_id(name: str) -> int:
+    """The id of a task name (``ValueError`` naming it when no registered modality has it)."""
+    names = task_names()
+    if name not in names:
+        raise ValueError(f"unknown task {name!r} (is the plugin of its modality installed?); known: "
+                         f"{', '.join(names)}")
+    return names.index(name)
+
+
+def __getattr__(name: str) -> Any:
+    # TASK_NAMES follows the registry (read when asked for, so a plugin registered late is included).
+    if name == "TASK_NAMES":
+        return task_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def layout_codes(codes: np.ndarray, member: str, layout: VocabLayout, modality: str) -> np.ndarray:
+    """The codebooks of a media member's codes (:meth:`Sample.codes`) that the LM sees, checked
+    against the run's layout: enough codebooks, every code inside the modality's range
+    (``SampleError`` ``bad_codes`` / ``codes_out_of_range`` otherwise, e.g. another codec's shards)."""
+    m = layout.modality(modality)
+    if codes.shape[0] < m.num_codebooks:
+        raise SampleError("bad_codes", f"{member}: {codes.shape[0]} codebooks, {modality} needs {m.num_codebooks}")
+    used = codes[: m.num_codebooks]
+    if used.min() < 0 or used.max() >= m.codebook_size:
+        raise SampleError("codes_out_of_range", f"{member}: codes in [{used.min()}, {used.max()}], "
+                                                f"{modality} allows [0, {m.codebook_size})")
+    return used
 
 
 @dataclass
 class Example:
-    """One rendered example.  ``mask`` marks training targets (before the first-token rule)."""
+    """One rendered example.  ``mask`` marks training targets (before the first-token rule);
+    ``task`` is an id of :func:`task_names`."""
 
     ids: np.ndarray  # int64 [n]
     mask: np.ndarray  # bool [n]
@@ -40,15 +83,18 @@ class Example:
         return len(self.ids)
 
     def to_state(self) -> list:
-        """JSON-able form for the packer's carried-over examples in a loader state."""
-        return [self.ids.tolist(), np.flatnonzero(self.mask).tolist(), self.key, self.task]
+        """JSON-able form for the packer's carried-over examples in a loader state; the task is saved
+        by name, so a state stays valid when a plugin installed later appends task ids."""
+        return [self.ids.tolist(), np.flatnonzero(self.mask).tolist(), self.key, task_names()[self.task]]
 
     @classmethod
     def from_state(cls, s: list) -> "Example":
+        """Inverse of :meth:`to_state`; also reads states that saved the task id (built-in ids never move)."""
         ids = np.asarray(s[0], dtype=np.int64)
         mask = np.zeros(len(ids), dtype=bool)
         mask[np.asarray(s[1], dtype=np.int64)] = True
-        return cls(ids, mask, str(s[2]), int(s[3]))
+        task = task_id(s[3]) if isinstance(s[3], str) else int(s[3])
+        return cls(ids, mask, str(s[2]), task)
 
 
 @dataclass
@@ -58,19 +104,6 @@ class Skip:
     reason: str
     key: str
     detail: str = ""
-
-
-def _is_conversation(meta: dict) -> bool:
-    """``json["kind"]`` says it (data_pipeline format 1); older samples: a ``conversation`` field."""
-    kind = meta.get("kind")
-    return kind == "conversation" if kind in ("pair", "conversation") else "conversation" in meta
-
-
-class SampleError(ValueError):
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -106,108 +139,34 @@ class ExampleBuilder:
         self.seed = int(seed)
         self.overlong = overlong
         self.fmt = SequenceFormat(tokenizer, layout)
-        self._media_exts = [f"{m}.npy" for m in layout.modalities]
+        self.task_names = task_names()
+        self.task_ids = {name: i for i, name in enumerate(self.task_names)}
 
     # ------------------------------------------------------------------ decoding
-    @staticmethod
-    def _meta(raw: dict) -> dict:
-        data = raw.get("json")
-        if data is None:
-            raise SampleError("missing_json")
-        try:
-            meta = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SampleError("bad_json", str(e)) from None
-        if not isinstance(meta, dict):
-            raise SampleError("bad_json", "top level is not an object")
-        return meta
+    def _codes(self, sample: Sample, member: str, modality: str) -> np.ndarray:
+        return layout_codes(sample.codes(member), member, self.layout, modality)
 
-    def _codes(self, raw: dict, name: str, modality: str) -> np.ndarray:
-        data = raw.get(name)
-        if data is None and not name.endswith(".npy"):
-            name += ".npy"
-            data = raw.get(name)
-        if data is None:
-            raise SampleError("missing_media", name)
-        try:
-            codes = np.load(io.BytesIO(data), allow_pickle=False)
-        except Exception as e:  # ValueError, EOFError, pickle refusal ...
-            raise SampleError("bad_npy", f"{name}: {e}") from None
-        if codes.dtype.kind not in "iu":
-            raise SampleError("bad_npy", f"{name}: dtype {codes.dtype} is not integer")
-        if codes.ndim == 1:
-            codes = codes[None]
-        if codes.ndim != 2 or codes.shape[1] == 0:
-            raise SampleError("bad_codes", f"{name}: shape {codes.shape}, expected [K, T>0]")
-        m = self.layout.modality(modality)
-        if codes.shape[0] < m.num_codebooks:
-            raise SampleError("bad_codes", f"{name}: {codes.shape[0]} codebooks, {modality} needs {m.num_codebooks}")
-        used = codes[: m.num_codebooks]
-        if used.min() < 0 or used.max() >= m.codebook_size:
-            raise SampleError("codes_out_of_range", f"{name}: codes in [{used.min()}, {used.max()}], "
-                                                    f"{modality} allows [0, {m.codebook_size})")
-        return used.astype(np.int64)
+    def _pair(self, sample: Sample) -> tuple[str, np.ndarray, str]:
+        """``(modality, codes, text)`` of a stage-1 pair."""
+        modality, member = sample.pair_member(self.layout.modalities)
+        return modality, self._codes(sample, member, modality), sample.text
 
-    def _pair_media(self, raw: dict, meta: dict) -> tuple[str, np.ndarray]:
-        modality = meta.get("modality")
-        if modality is not None:
-            if modality not in self.layout.modalities:
-                raise SampleError("unknown_modality", str(modality))
-            return modality, self._codes(raw, f"{modality}.npy", modality)
-        present = [e for e in self._media_exts if e in raw]
-        if not present:
-            raise SampleError("missing_media", "no " + "/".join(self._media_exts))
-        if len(present) > 1:
-            raise SampleError("ambiguous_media", f"{present} and no 'modality' in json")
-        modality = present[0][: -len(".npy")]
-        return modality, self._codes(raw, present[0], modality)
-
-    @staticmethod
-    def _text(meta: dict) -> str:
-        text = meta.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise SampleError("empty_text")
-        return text
-
-    def _conversation(self, raw: dict, meta: dict) -> Conversation:
-        turns_in = meta.get("conversation")
-        if not isinstance(turns_in, list) or not turns_in:
-            raise SampleError("bad_conversation", "conversation is not a non-empty list")
+    def _conversation(self, sample: Sample) -> Conversation:
         turns = []
-        for i, t in enumerate(turns_in):
-            if not isinstance(t, dict) or t.get("role") not in ("user", "assistant"):
-                raise SampleError("bad_conversation", f"turn {i}: needs role user/assistant")
-            content = t.get("content", [])
-            if isinstance(content, str):
-                content = [{"text": content}]
-            if not isinstance(content, list):
-                raise SampleError("bad_conversation", f"turn {i}: content must be a list")
-            parts = []
-            for item in content:
-                if isinstance(item, str):
-                    parts.append(Text(item))
-                elif not isinstance(item, dict):
-                    raise SampleError("bad_conversation", f"turn {i}: content item {item!r}")
-                elif "text" in item:
-                    parts.append(Text(str(item["text"])))
-                elif "marker" in item:
-                    if item["marker"] not in MARKERS:
-                        raise SampleError("bad_conversation", f"turn {i}: unknown marker {item['marker']!r}")
-                    parts.append(Marker(item["marker"]))
-                elif "media" in item:
-                    modality = item.get("modality")
-                    if modality not in self.layout.modalities:
-                        raise SampleError("unknown_modality", f"turn {i}: {modality!r}")
-                    parts.append(Media(modality, self._codes(raw, str(item["media"]), modality)))
-                else:
-                    found = [m for m in self.layout.modalities if m in item]
-                    if not found:
-                        raise SampleError("bad_conversation", f"turn {i}: content item with keys {sorted(item)}")
-                    parts.append(Media(found[0], self._codes(raw, str(item[found[0]]), found[0])))
-            turns.append(Turn(t["role"], parts))
+        for role, parts in sample.turns(self.layout.modalities):
+            content = []
+            for kind, value in parts:
+                if kind == "text":
+                    content.append(Text(value))
+                elif kind == "marker":
+                    content.append(Marker(value))
+                else:  # a modality: value is its member
+                    content.append(Media(kind, self._codes(sample, value, kind)))
+            turns.append(Turn(role, content))
         if not any(t.role == "assistant" for t in turns):
             raise SampleError("no_targets", "conversation has no assistant turn")
-        system = meta.get("system") if isinstance(meta.get("system"), str) else self.system_prompt
+        system = sample.meta.get("system")
+        system = system if isinstance(system, str) else self.system_prompt
         return Conversation(turns, system=system or None)
 
     # ------------------------------------------------------------------ rendering
@@ -223,29 +182,32 @@ class ExampleBuilder:
             ids, mask = ids[: self.seq_len], mask[: self.seq_len]
         if not mask[1:].any():
             raise SampleError("no_targets")
-        return Example(ids, mask, key, TASK_ID[task])
+        return Example(ids, mask, key, self.task_ids[task])
 
-    def _sample_key(self, raw: dict, source: str) -> str:
+    @staticmethod
+    def _sample_key(raw: dict, source: str) -> str:
         return f"{source}/{shard_name(raw.get('__url__', '?'))}/{raw.get('__key__', '?')}"
+
+    @staticmethod
+    def _task(modality: str, direction: str) -> str:
+        return f"{modality}2text" if direction == "x2text" else f"text2{modality}"
 
     def build(self, raw: dict, source: SourceSpec, epoch: int) -> Example | Skip:
         """One training example: a stage-1 pair in a drawn direction, or a conversation."""
         key = self._sample_key(raw, source.name)
         try:
-            meta = self._meta(raw)
-            loss = "assistant" if source.kind == "sft" else self.loss
-            if _is_conversation(meta):
-                return self._finish(self._conversation(raw, meta), "assistant", key, "sft")
-            modality, codes = self._pair_media(raw, meta)
-            text = self._text(meta)
+            sample = decode_sample(raw)
+            if sample.kind == "conversation":
+                return self._finish(self._conversation(sample), "assistant", key, "sft")
+            modality, codes, text = self._pair(sample)
             rng = random.Random(f"{self.seed}|{source.name}|{epoch}|{shard_name(raw.get('__url__', '?'))}|"
                                 f"{raw.get('__key__')}")
             direction = "x2text" if rng.random() < source.x2text_prob else "text2x"
             conv = pretrain_pair(modality, Media(modality, codes), text, direction, rng)
             if source.kind == "sft" and self.system_prompt:
                 conv.system = self.system_prompt
-            task = f"{modality}2text" if direction == "x2text" else f"text2{modality}"
-            return self._finish(conv, loss, key, task)
+            loss = "assistant" if source.kind == "sft" else self.loss
+            return self._finish(conv, loss, key, self._task(modality, direction))
         except SampleError as e:
             return Skip(e.reason, key, e.detail)
         except Exception as e:  # anything unforeseen in one sample must not stop a run; counted, logged
@@ -255,17 +217,15 @@ class ExampleBuilder:
         """Held-out examples: a pair in *both* directions (fixed instruction per key), or a conversation."""
         key = self._sample_key(raw, source)
         try:
-            meta = self._meta(raw)
-            if _is_conversation(meta):
-                return [self._finish(self._conversation(raw, meta), "assistant", key, "sft")]
-            modality, codes = self._pair_media(raw, meta)
-            text = self._text(meta)
+            sample = decode_sample(raw)
+            if sample.kind == "conversation":
+                return [self._finish(self._conversation(sample), "assistant", key, "sft")]
+            modality, codes, text = self._pair(sample)
             out = []
             for direction in ("x2text", "text2x"):
                 rng = random.Random(f"eval|{direction}|{raw.get('__key__')}")
                 conv = pretrain_pair(modality, Media(modality, codes), text, direction, rng)
-                task = f"{modality}2text" if direction == "x2text" else f"text2{modality}"
-                out.append(self._finish(conv, loss, f"{key}#{direction}", task))
+                out.append(self._finish(conv, loss, f"{key}#{direction}", self._task(modality, direction)))
             return out
         except SampleError as e:
             return Skip(e.reason, key, e.detail)

@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from anygpt.data.examples import TASK_NAMES, Example, ExampleBuilder, Skip, SourceSpec, _init_worker
+from anygpt.data.examples import Example, ExampleBuilder, Skip, SourceSpec, _init_worker
 from anygpt.data.mixing import Mixer
 from anygpt.data.packing import Packer, collate_rows, pack_examples
 from anygpt.data.shards import ShardError, expand_shards, iter_shard_samples
@@ -164,7 +164,7 @@ class TrainLoader:
                 self.skips_by_source[self.specs[i].name] += 1
                 continue
             self.examples[self.specs[i].name] += 1
-            self.tasks[TASK_NAMES[item.task]] += 1
+            self.tasks[self.builder.task_names[item.task]] += 1
             return item
 
     # ------------------------------------------------------------------ iteration
@@ -288,6 +288,7 @@ class EvalLoader:
                                       system_prompt=cfg.data.system_prompt, seed=0, overlong=overlong)
         self._num_batches: int | None = None
         self.last_stats: dict = {}
+        self._logged_bad: set[str] = set()  # damaged shards already logged (every pass reads them again)
 
     def _examples(self, skips: _SkipLog, tasks: Counter, bad: dict, lost: Counter):
         for url in self.shards:
@@ -298,12 +299,14 @@ class EvalLoader:
                         skips.add(out)
                         continue
                     for ex in out:
-                        tasks[TASK_NAMES[ex.task]] += 1
+                        tasks[self.builder.task_names[ex.task]] += 1
                         yield ex
             except ShardError as e:
                 bad[url] = str(e)
                 lost["samples"] += e.lost or 0
-                log.error("eval: damaged shard, going on: %s", e)
+                if url not in self._logged_bad:
+                    self._logged_bad.add(url)
+                    log.error("eval: damaged shard, going on: %s", e)
 
     def __iter__(self):
         return self._batches(collate=True)

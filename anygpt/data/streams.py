@@ -115,19 +115,25 @@ class SourceStream:
         self.prefetch = prefetch
         self.bad_shards: dict[str, str] = {}
         self.bad_shard_events = 0
-        self.lost_samples = 0  # samples that damaged shards could not deliver (when their header says)
+        # Samples each damaged shard could not deliver (what its header says; 0 when unknown).  Per
+        # shard, so re-reading it in a later epoch does not count the same loss again.
+        self.lost_by_shard: dict[str, int] = {}
         self._gen = self._raw(self.position)
         self._ready: deque = deque()
         self._pending: deque = deque()
         self._skip_streak_epoch: int | None = None
 
     # ------------------------------------------------------------------ raw samples in order
+    @property
+    def lost_samples(self) -> int:
+        return sum(self.lost_by_shard.values())
+
     def _on_bad_shard(self, url: str, error: ShardError) -> None:
         self.bad_shard_events += 1
-        self.lost_samples += error.lost or 0
-        if url not in self.bad_shards:
+        if url not in self.bad_shards:  # once per shard, however many epochs read it
             log.error("source %s: damaged shard, going on: %s", self.spec.name, error)
         self.bad_shards[url] = str(error)
+        self.lost_by_shard[url] = max(self.lost_by_shard.get(url, 0), error.lost or 0)
 
     def _raw(self, start: Position) -> Iterator[tuple[dict, int, Position]]:
         epoch, cursor, offset, taken = start.epoch, start.cursor, start.offset, start.taken

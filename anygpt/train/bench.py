@@ -11,8 +11,8 @@ Three numbers on the same engine, model and batch shape (one rank, in this proce
   once with full ``[B, L, V]`` logits and once under :func:`~anygpt.train.losses.logits_only_at`
   (what the trainer does), so the ratio is the saving of computing the head only where there is a target.
 
-Also :func:`synthetic_corpus` (tiny tokenizer + shards in the ``data_pipeline`` schema), used by the
-benchmark and the training tests.
+Also :func:`synthetic_corpus` (tiny tokenizer + shards written through :mod:`anygpt.data.schema`, code
+shapes from the codec cards), used by the benchmark and the training tests.
 """
 from __future__ import annotations
 
@@ -24,62 +24,56 @@ from typing import Any
 
 import numpy as np
 
+from anygpt import modalities as registry
+from anygpt.data.bench import random_media, write_samples
+from anygpt.data.schema import encode_sample
+
 WORDS = ("a red blue green circle square triangle on the left right top bottom speaker says hello world "
          "slow fast song piano guitar cheerful sad picture of two three dogs cats").split()
-CODE_SHAPES = {"speech": (8, 1024), "image": (1, 8192), "music": (4, 2048)}
-
-
-def _codes(rng: np.random.Generator, modality: str, frames: int | None = None) -> np.ndarray:
-    k, size = CODE_SHAPES[modality]
-    t = 32 if modality == "image" else (frames or int(rng.integers(4, 16)))
-    return rng.integers(0, size, (k, t)).astype(np.int16)
 
 
 def _text(rng: np.random.Generator, lo: int = 3, hi: int = 8) -> str:
     return " ".join(rng.choice(WORDS, int(rng.integers(lo, hi))))
 
 
-def pair_sample(rng: np.random.Generator, key: str, modality: str) -> dict:
-    codes = _codes(rng, modality)
-    return {"__key__": key, f"{modality}.npy": codes,
-            "json": {"format": 1, "id": key, "kind": "pair", "source": "manifest", "text": _text(rng),
-                     "modality": modality}}
+def pair_sample(rng: np.random.Generator, key: str, modality: str,
+                frames: tuple[int, int] = (4, 16)) -> tuple[str, list, dict]:
+    """A stage-1 pair (:func:`~anygpt.data.schema.encode_sample` output) with random codes shaped by the
+    modality's codec card; ``frames``: range of frames of timed media (fixed-length spans keep theirs)."""
+    return encode_sample(id=key, kind="pair", media=[random_media(rng, modality, frames)], source="manifest",
+                         text=_text(rng))
 
 
-def conversation_sample(rng: np.random.Generator, key: str) -> dict:
-    conv = [{"role": "user", "content": [{"text": _text(rng)}, {"speech": "m0.speech.npy"}]},
+def conversation_sample(rng: np.random.Generator, key: str) -> tuple[str, list, dict]:
+    """A 4-turn dialogue: media of one registered modality asked about, media of another one answered."""
+    mods = registry.names()
+    asked, answered = (mods[int(i)] for i in rng.choice(len(mods), 2, replace=len(mods) < 2))
+    conv = [{"role": "user", "content": [{"text": _text(rng)}, {"media": 0}]},
             {"role": "assistant", "content": [{"marker": "<-Ins->"}, {"text": _text(rng)},
                                               {"marker": "<-Res->"}, {"text": _text(rng)}]},
             {"role": "user", "content": [{"text": _text(rng)}]},
-            {"role": "assistant", "content": [{"text": _text(rng)}, {"image": "m1.image.npy"}]}]
-    return {"__key__": key, "m0.speech.npy": _codes(rng, "speech"), "m1.image.npy": _codes(rng, "image"),
-            "json": {"format": 1, "id": key, "kind": "conversation", "source": "conversations",
-                     "conversation": conv, "system": None}}
-
-
-def write_shards(directory: Path, prefix: str, samples: list[dict], per_shard: int) -> list[Path]:
-    import webdataset as wds
-
-    directory.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(directory / f"{prefix}-%06d.tar"), maxcount=per_shard, verbose=0) as w:
-        for s in samples:
-            w.write(s)
-    return sorted(directory.glob(f"{prefix}-*.tar"))
+            {"role": "assistant", "content": [{"text": _text(rng)}, {"media": 1}]}]
+    return encode_sample(id=key, kind="conversation", source="conversations", conversation=conv,
+                         media=[random_media(rng, asked, (4, 16)), random_media(rng, answered, (4, 16))])
 
 
 def synthetic_corpus(root: str | Path, pairs: int = 64, conversations: int = 32, eval_pairs: int = 8,
-                     per_shard: int = 8, seed: int = 0, tokenizer: bool = True) -> dict[str, str]:
+                     per_shard: int = 8, seed: int = 0, tokenizer: bool = True,
+                     frames: tuple[int, int] = (4, 16)) -> dict[str, str]:
     """A tiny tokenizer and pair/conversation/eval shards under ``root``; returns their paths/patterns.
 
-    Keys: ``tokenizer`` (dir), ``pairs``, ``sft``, ``eval`` (shard globs).
+    Pairs cycle through the registered modalities.  Keys: ``tokenizer`` (dir), ``pairs``, ``sft``,
+    ``eval`` (shard globs).  ``frames``: range of frames per timed media item of a training pair.
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
-    mods = ("speech", "image", "music")
-    write_shards(root / "pairs", "pairs", [pair_sample(rng, f"p{i:05d}", mods[i % 3]) for i in range(pairs)], per_shard)
-    write_shards(root / "sft", "sft", [conversation_sample(rng, f"c{i:05d}") for i in range(conversations)], per_shard)
-    write_shards(root / "eval", "eval", [pair_sample(rng, f"e{i:05d}", mods[i % 3]) for i in range(eval_pairs)],
-                 max(1, eval_pairs // 2))
+    mods = registry.names()
+    write_samples(root / "pairs", "pairs", [pair_sample(rng, f"p{i:05d}", mods[i % len(mods)], frames)
+                                            for i in range(pairs)], per_shard)
+    write_samples(root / "sft", "sft", [conversation_sample(rng, f"c{i:05d}") for i in range(conversations)],
+                  per_shard)
+    write_samples(root / "eval", "eval", [pair_sample(rng, f"e{i:05d}", mods[i % len(mods)])
+                                          for i in range(eval_pairs)], max(1, eval_pairs // 2))
     out = {"pairs": str(root / "pairs" / "*.tar"), "sft": str(root / "sft" / "*.tar"),
            "eval": str(root / "eval" / "*.tar")}
     if tokenizer:

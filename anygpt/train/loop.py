@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from anygpt.config import TrainConfig, save_config, to_dict
-from anygpt.train.losses import logits_only_at, target_positions
+from anygpt.data.examples import task_names
+from anygpt.eval.loss import heldout_loss
+from anygpt.train.losses import lm_loss, model_inputs
 
 
 class TrainingStopped(ValueError):
@@ -57,7 +59,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
-        from anygpt.data import TASK_NAMES, build_eval_loader, build_train_loader
+        from anygpt.data import build_eval_loader, build_train_loader
         from anygpt.train.checkpoint import CheckpointManager
         from anygpt.train.engine import barrier, build_engine, init_runtime, world_from_env
         from anygpt.train.faults import Faults
@@ -81,7 +83,7 @@ class Trainer:
         self.loader = build_train_loader(cfg, self.tokenizer, self.layout, rt.rank, rt.world_size)
         self.eval_loader = (build_eval_loader(cfg, self.tokenizer, self.layout, rt.rank, rt.world_size)
                             if cfg.data.eval_shards else None)
-        self.loss_fn = TokenLoss(self.layout, TASK_NAMES, rt.device)
+        self.loss_fn = TokenLoss(self.layout, task_names(), rt.device)
         self.ckpts = CheckpointManager(self.run_dir, cfg.run.keep_last, rt.rank, rt.world_size, barrier)
         if plan.resume_from is not None:
             meta, loader_state = self.ckpts.load(self.engine, plan.resume_from)
@@ -123,12 +125,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _inputs(self, batch: dict) -> dict[str, Any]:
-        dev = self.rt.device
-        inputs = {"input_ids": batch["input_ids"].to(dev, non_blocking=True),
-                  "position_ids": batch["position_ids"].to(dev, non_blocking=True)}
-        if batch.get("attention_mask") is not None:
-            inputs["attention_mask"] = batch["attention_mask"].to(dev, non_blocking=True)
-        return inputs
+        return model_inputs(batch, self.rt.device)
 
     @staticmethod
     def _input_tokens(batch: dict) -> int:
@@ -150,9 +147,7 @@ class Trainer:
 
     def _forward_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Forward one micro-batch with the LM head only at target positions; (loss, stats, bad rows)."""
-        with logits_only_at(self.engine.module, target_positions(batch["labels"])):
-            logits = self.engine(**self._inputs(batch)).logits
-        return self.loss_fn(logits, batch["labels"], batch.get("tasks"))
+        return lm_loss(self.engine, self.engine.module, self._inputs(batch), batch, self.loss_fn)
 
     def train_step(self) -> dict:
         """One optimizer step (``grad_accum`` micro-batches); returns the global step stats."""
@@ -247,26 +242,15 @@ class Trainer:
         self._reset_interval()
         return row
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss on the held-out shards, overall and per modality and task (every rank takes part)."""
-        engine = self.engine
-        engine.eval()
-        stats = self.loss_fn.zeros()
-        limit = self.cfg.run.eval_max_batches
-        for i, batch in enumerate(self.eval_loader):
-            if limit and i >= limit:
-                break
-            stats += self._forward_loss(batch)[1]
-        engine.train()
-        self._all_reduce(stats)
-        by_mod, by_task = self.loss_fn.summarize(stats)
-        m = len(self.loss_fn.modalities)
-        count = float(stats[1, :m].sum())
-        row = {"step": self.step, "loss": float(stats[0, :m].sum()) / max(count, 1.0), "tokens": int(count),
-               "loss_by_modality": by_mod, "loss_by_task": by_task}
+        """Loss on the held-out shards, overall and per modality and task (every rank takes part):
+        :func:`~anygpt.eval.loss.heldout_loss`, the same numbers ``anygpt eval`` gives for the export."""
+        result = heldout_loss(self.engine, self.eval_loader, self.layout, self.rt.device,
+                              head_owner=self.engine.module, inputs=self._inputs,
+                              max_batches=self.cfg.run.eval_max_batches, all_reduce=self._all_reduce)
+        row = {"step": self.step, **result}
         self.logger.log_eval(row)
-        tasks = " ".join(f"{k} {v:.3f}" for k, v in by_task.items())
+        tasks = " ".join(f"{k} {v:.3f}" for k, v in row["loss_by_task"].items())
         self.say(f"eval step {self.step} | loss {row['loss']:.4f} | {tasks}")
         self.last_eval = row
         return row

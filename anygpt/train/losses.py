@@ -11,8 +11,10 @@ demo's stage-1 step (2 ranks, ZeRO-3) went from ~0.8 s to ~0.48 s.
 
 One pass of ``cross_entropy(reduction="none")`` gives the training loss and, via two ``bincount``s,
 the sums that the log line, ``metrics.jsonl`` and the evaluation report per modality
-(``text``/``image``/``speech``/``music``: which kind of token is being predicted) and per task
-(``image2text``, ``text2speech``, ..., ``sft``: the loader's per-token ``tasks`` ids).
+(``text`` or a modality of the layout: which kind of token is being predicted) and per task
+(``image2text``, ``text2speech``, ..., ``sft``: the loader's per-token ``tasks`` ids).  The held-out
+loss (:func:`anygpt.eval.loss.heldout_loss`, used by the trainer's evaluation and ``anygpt eval``)
+goes through the same :func:`lm_loss` and :class:`TokenLoss`, so both report the same numbers.
 """
 from __future__ import annotations
 
@@ -52,6 +54,31 @@ def logits_only_at(model: Any, positions: torch.Tensor) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def model_inputs(batch: dict, device: torch.device | str) -> dict[str, Any]:
+    """The model's keyword arguments from a loader batch, on ``device`` (the 4-D mask when the batch has one)."""
+    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True),
+              "position_ids": batch["position_ids"].to(device, non_blocking=True)}
+    if batch.get("attention_mask") is not None:
+        inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)
+    return inputs
+
+
+def lm_loss(model: Any, head_owner: Any, inputs: dict[str, Any], batch: dict,
+            loss_fn: "TokenLoss") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Forward one packed micro-batch with the LM head only at its target positions; ``loss_fn``'s
+    ``(loss, stats, bad_rows)``.  The one forward of training, evaluation and the benchmarks.
+
+    Args:
+        model: what to call (a DeepSpeed engine, or the model itself).
+        head_owner: the Hugging Face model whose LM head is restricted (``engine.module``, or ``model``).
+        inputs: the model's keyword arguments (:func:`model_inputs`).
+        batch: the loader's batch (``labels``, ``tasks``).
+    """
+    with logits_only_at(head_owner, target_positions(batch["labels"])):
+        logits = model(**inputs).logits
+    return loss_fn(logits, batch["labels"], batch.get("tasks"))
 
 
 class TokenLoss:
