@@ -76,12 +76,19 @@ def installed_anygpt(tmp_path_factory) -> Path:
     dependencies are not installed twice), but ``anygpt`` itself is a wheel built from the checkout,
     so tests that run it from an empty directory prove the package works without the source tree.
     """
+    import shutil
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    venv = tmp_path_factory.mktemp("venv") / "env"
+    root = tmp_path_factory.mktemp("install")
+    # Build from a copy (symlinks kept, so anygpt/shipped still points at the copied configs): pip
+    # builds in the source tree and would leave build/ and *.egg-info in the checkout.
+    src = root / "src"
+    shutil.copytree(repo, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "__pycache__", "runs", "demo", ".pytest_cache"))
+    venv = root / "env"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--disable-pip-version-check",
-                    str(repo)], check=True, capture_output=True)
+                    str(src)], check=True, capture_output=True)
     return venv / "bin"

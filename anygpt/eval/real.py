@@ -35,6 +35,7 @@ from anygpt import modalities as registry
 from anygpt.data.examples import layout_codes
 from anygpt.data.schema import SampleError, decode_sample
 from anygpt.data.shards import ShardError, expand_shards, iter_shard_samples
+from anygpt.eval.metrics import asr_wer, caption_metrics
 from anygpt.eval.run import answer_media, answer_text
 from anygpt.infer.settings import GenerationConfig
 
@@ -133,10 +134,6 @@ def evaluate_real(lm: Any, codecs: Mapping[str, Any] | None, shards: str, *, ite
         shards: held-out shard spec.
         acoustic: modality -> its acoustic decoder or None (speech: SoundStorm), for ``tts``.
     """
-    # Imported here while these metrics still live beside the demo's (whose module imports the demo's
-    # grammar); once they have their own metrics module this becomes a module-top import.
-    from anygpt.eval.synthetic import asr_wer, caption_metrics
-
     planned = plan_tasks(lm.layout, tasks)
     if any(t == "tts" for t, _ in planned) and asr_model is None:
         raise ValueError("the tts task needs --asr-model DIR (a local speech recognition model)")
