@@ -154,7 +154,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
+    """A YAML mapping from ``path``, or from the shipped config it names (``tiny_cpu``,
+    ``launch/configs/stage1_pretrain.yaml`` from any directory; :mod:`anygpt.resources`)."""
+    from anygpt.resources import resolve_config_path
+
+    path = resolve_config_path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as e:

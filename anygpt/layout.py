@@ -41,9 +41,9 @@ class ModalitySpec:
     """One contiguous id range for a modality.
 
     Attributes:
-        name: ``image`` / ``speech`` / ``music``.
+        name: the modality's registry name.
         offset: id of code 0 of codebook 0.
-        num_codebooks: codebooks the LM sees per frame (music 4; speech and image 1).
+        num_codebooks: codebooks the LM sees per frame (the codec card's ``lm_codebooks``).
         codebook_size: codes per codebook.
         start, end: the span markers (``<soim>``/``<eoim>`` ...).
         prefix: AnyGPT's token-string prefix (``👀``, ``🗣️``, ``🎶``) used by its ``<prefixN>`` tokens.

@@ -1,7 +1,7 @@
 # python launch/chat.py --model HF_DIR [--codecs DIR] [--soundstorm DIR] [--out DIR] [--script FILE|-]
 """Multimodal chat with an exported (or released AnyGPT) model; the same as ``anygpt chat``.
 
-Type messages, attach files with /image /speech /music, choose the answer voice with /voice, /help for
+Type messages, attach files with /<modality> PATH (e.g. /image x.png), choose the answer voice with /voice, /help for
 the rest.  All logic lives in ``anygpt.infer``.
 """
 import sys

@@ -172,7 +172,7 @@ def train_combinations(modality: str) -> list[dict[str, str]]:
 
 
 def describe(modality: str, attrs: Mapping[str, str]) -> str:
-    """The canonical caption (image, music) or sentence (speech) for a combination."""
+    """The canonical caption (or spoken sentence) for a combination."""
     g = grammar(modality)
     for name, values in g.attributes.items():
         if attrs.get(name) not in values:

@@ -38,7 +38,8 @@ TEXT = "text"
 
 
 def min_span_ids(m: ModalitySpec) -> int:
-    """Fewest ids a well-formed span body of ``m`` holds (image 32, music one frame of 4, speech 1)."""
+    """Fewest ids a well-formed span body of ``m`` holds (a fixed-length span: all of it; several
+    codebooks per frame: one frame; else one id)."""
     return m.span_length * m.num_codebooks if m.span_length is not None else m.num_codebooks
 
 

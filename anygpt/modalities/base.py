@@ -1,10 +1,10 @@
 """The one contract every codec implements.
 
 A codec turns media into integer codes and back.  Codes always carry the codebook axis:
-``[num_codebooks, T]`` (speech: 8 RVQ layers x 50 Hz frames; music: 4 Encodec codebooks x 50 Hz
-frames; image: 1 x 32 SEED ids).  The card's ``lm_codebooks`` says how many leading codebooks the LM
-sees (speech: layer 1 only; music: all 4; image: 1); shards keep all of them because the speech
-decoder trains on layers 2-8.
+``[num_codebooks, T]`` (SpeechTokenizer: 8 RVQ layers x 50 Hz frames; Encodec: 4 codebooks x 50 Hz
+frames; SEED: 1 x 32 ids).  The card's ``lm_codebooks`` says how many leading codebooks the LM sees
+(SpeechTokenizer: layer 1 only; Encodec: all 4); shards keep all of them because an acoustic decoder
+(SoundStorm) trains on the rest.
 
 Besides ``encode``/``decode`` the contract holds what ``anygpt codec fit`` needs to seed a tiny
 codec's codebooks from data: :meth:`Codec.fit_vectors` (what the first codebook quantises) and
