@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from anygpt.attention import unavailable
 from anygpt.train.bench import synthetic_corpus
 from anygpt.train.checkpoint import (COMPLETE, POINTER, TRAINER_STATE, CheckpointError, CheckpointManager,
                                      latest_checkpoint, resolve_checkpoint, tag_for)
@@ -255,8 +256,13 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str], list[str], str]]:
          r"^model\.lora\.target_modules: \['qq_proj'\] not in a LLaMA model"),
         ("resume from a non-checkpoint", [], ["--resume", str(tmp / "empty_dir")], r"^--resume: .*no complete checkpoint"),
         ("bad --nproc", [], ["--nproc", "0"], r"^--nproc: must be >= 1"),
+        ("unknown attention path", ["model.attention=flash"], [], r"^model\.attention: 'flash' is not one of"),
     ] + ([] if torch.cuda.is_available() else
-         [("fp16 without CUDA", ["optim.precision=fp16"], [], r"^optim\.precision: fp16 needs CUDA")])
+         [("fp16 without CUDA", ["optim.precision=fp16"], [], r"^optim\.precision: fp16 needs CUDA"),
+          ("flash_varlen without CUDA", ["model.attention=flash_varlen"], [],
+           r"^model\.attention: flash_varlen needs a CUDA GPU")]) + (
+        [("flex where it has no backward", ["model.attention=flex"], [], r"^model\.attention: flex cannot train on cpu")]
+        if not torch.cuda.is_available() and unavailable("flex", "cpu") else [])
 
 
 def test_every_invalid_config_is_one_line_before_anything_starts(tmp_path, valid_args, no_launch, capsys):
