@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from anygpt.attention import LOADER_ATTENTION, attention_inputs
 from anygpt.config import TrainConfig, save_config, to_dict
-from anygpt.train.losses import logits_only_at, target_positions
+from anygpt.train.losses import lm_loss
 
 
 class TrainingStopped(ValueError):
@@ -77,11 +78,14 @@ class Trainer:
         if rt.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        self.bundle = build_engine(cfg, plan.source, self.tokenizer, self.layout, plan.ds_config, rt)
+        self.attention = plan.attention
+        self.bundle = build_engine(cfg, plan.source, self.tokenizer, self.layout, plan.ds_config, rt, plan.attention)
         self.engine = self.bundle.engine
-        self.loader = build_train_loader(cfg, self.tokenizer, self.layout, rt.rank, rt.world_size)
-        self.eval_loader = (build_eval_loader(cfg, self.tokenizer, self.layout, rt.rank, rt.world_size)
-                            if cfg.data.eval_shards else None)
+        # Only mask4d needs the L x L mask; the other paths get segment ids and build what they need.
+        mode = LOADER_ATTENTION[plan.attention]
+        self.loader = build_train_loader(cfg, self.tokenizer, self.layout, rt.rank, rt.world_size, attention=mode)
+        self.eval_loader = (build_eval_loader(cfg, self.tokenizer, self.layout, rt.rank, rt.world_size,
+                                              attention=mode) if cfg.data.eval_shards else None)
         self.loss_fn = TokenLoss(self.layout, TASK_NAMES, rt.device)
         self.ckpts = CheckpointManager(self.run_dir, cfg.run.keep_last, rt.rank, rt.world_size, barrier)
         if plan.resume_from is not None:
@@ -112,7 +116,8 @@ class Trainer:
         where = (f"resumed from {self.plan.resume_from} at step {self.step}" if self.plan.resume_from
                  else "fresh start")
         return (f"anygpt train: {rt.world_size} rank(s) ({rt.backend}, {rt.device.type}, "
-                f"{resolve_precision(cfg, rt.cuda)}, ZeRO-{zero_stage(self.plan.ds_config)}); model {cfg.model.name}: "
+                f"{resolve_precision(cfg, rt.cuda)}, ZeRO-{zero_stage(self.plan.ds_config)}, attention "
+                f"{self.attention}); model {cfg.model.name}: "
                 f"{b.total_params / 1e6:.2f}M params, {b.trainable_params / 1e6:.2f}M trainable"
                 f"{' (LoRA)' if cfg.model.lora.enabled else ''}; vocab {self.layout.total}; global batch "
                 f"{o.micro_batch_size}x{o.grad_accum}x{rt.world_size} rows of {cfg.data.seq_len}; {where}; "
@@ -124,12 +129,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _inputs(self, batch: dict) -> dict[str, Any]:
-        dev = self.rt.device
-        inputs = {"input_ids": batch["input_ids"].to(dev, non_blocking=True),
-                  "position_ids": batch["position_ids"].to(dev, non_blocking=True)}
-        if batch.get("attention_mask") is not None:
-            inputs["attention_mask"] = batch["attention_mask"].to(dev, non_blocking=True)
-        return inputs
+        return attention_inputs(batch, self.attention, self.rt.device)
 
     @staticmethod
     def _input_tokens(batch: dict) -> int:
@@ -151,9 +151,7 @@ class Trainer:
 
     def _forward_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Forward one micro-batch with the LM head only at target positions; (loss, stats, bad rows)."""
-        with logits_only_at(self.engine.module, target_positions(batch["labels"])):
-            logits = self.engine(**self._inputs(batch)).logits
-        return self.loss_fn(logits, batch["labels"], batch.get("tasks"))
+        return lm_loss(self.engine, self.engine.module, self._inputs(batch), batch, self.loss_fn)
 
     def train_step(self) -> dict:
         """One optimizer step (``grad_accum`` micro-batches); returns the global step stats."""

@@ -54,6 +54,22 @@ def logits_only_at(model: Any, positions: torch.Tensor) -> Iterator[None]:
         handle.remove()
 
 
+def lm_loss(model: Any, head_owner: Any, inputs: dict[str, Any], batch: dict,
+            loss_fn: "TokenLoss") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Forward one packed micro-batch with the LM head only at its target positions; ``loss_fn``'s
+    ``(loss, stats, bad_rows)``.  The one forward of training, evaluation and the benchmarks.
+
+    Args:
+        model: what to call (a DeepSpeed engine, or the model itself).
+        head_owner: the Hugging Face model whose LM head is restricted (``engine.module``, or ``model``).
+        inputs: the model's keyword arguments (:func:`anygpt.attention.attention_inputs`).
+        batch: the loader's batch (``labels``, ``tasks``).
+    """
+    with logits_only_at(head_owner, target_positions(batch["labels"])):
+        logits = model(**inputs).logits
+    return loss_fn(logits, batch["labels"], batch.get("tasks"))
+
+
 class TokenLoss:
     """Callable ``(logits, labels, tasks) -> (mean loss, stats, bad_rows)``.
 
