@@ -4,6 +4,9 @@ import math
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from anygpt.bench import machine, ratios
 
 
@@ -25,6 +28,34 @@ def test_eval_cli_reports_loss_per_task_and_modality(tmp_path):
     for name, value in tasks.items():
         assert 3.0 < value < 15.0, (name, value)
     assert set(result["loss_by_modality"]) <= {"image", "speech", "music"} and result["loss_by_modality"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="flash_varlen may run on this machine")
+def test_eval_attention_path_cannot_run_here_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "anygpt.cli", "eval", "--model", str(tmp_path / "none"),
+                           "--data", str(tmp_path), "--attention", "flash_varlen"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: --attention: flash_varlen needs a CUDA GPU")
+
+
+@pytest.mark.slow
+def test_eval_loss_through_flex_equals_the_4d_mask(tmp_path):
+    """`anygpt eval --attention flex` (forward only, so it runs on CPU too) gives mask4d's held-out loss."""
+    from anygpt.eval.run import shard_loss
+    from anygpt.infer.loading import load_lm
+    from anygpt.infer.testing import build_tiny_model_dir
+    from anygpt.train.bench import synthetic_corpus
+
+    lm = load_lm(build_tiny_model_dir(tmp_path / "m"), device="cpu")
+    shards = synthetic_corpus(tmp_path / "data", pairs=2, conversations=2, eval_pairs=6, tokenizer=False)["eval"]
+    ref = shard_loss(lm, shards, seq_len=256, batch_size=2, attention="mask4d")
+    flex = shard_loss(lm, shards, seq_len=256, batch_size=2, attention="flex")
+    assert ref["attention"] == "mask4d" and flex["attention"] == "flex" and ref["tokens"] == flex["tokens"] > 0
+    assert abs(flex["loss"] - ref["loss"]) < 1e-5
+    for task, value in ref["loss_by_task"].items():
+        assert abs(flex["loss_by_task"][task] - value) < 1e-5, task
+    assert lm.model.config._attn_implementation == "sdpa"  # generation afterwards runs as before
 
 
 def test_eval_cli_missing_model_is_one_line(tmp_path):

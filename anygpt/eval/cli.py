@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from anygpt.config import ATTENTION_CHOICES
+
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="held-out loss per modality/direction (+ synthetic-task scores)",
@@ -29,6 +31,9 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                                                      "that transcribes generated speech for --generate's tts")
     p.add_argument("--soundstorm", default=None, help="SoundStorm decoder for tts (default MODEL/soundstorm)")
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                   help="attention path for the held-out loss over packed rows (default auto: what training "
+                        "uses on this device; flex also runs forward-only on CPU)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(handler=run_eval)
 
@@ -41,12 +46,18 @@ def run_eval(args: argparse.Namespace) -> int:
         from anygpt.eval.real import check_asr_dir
 
         check_asr_dir(args.asr_model)  # a bad --asr-model fails before any model is loaded
+    from anygpt.attention import resolve_attention
+    from anygpt.infer.generation import pick_device
+
+    resolve_attention(args.attention, pick_device("auto").type, training=False, key="--attention")  # before loading
     data = args.data
     if Path(data).is_dir():
         data = str(Path(data) / "*.tar")
     lm = load_lm(args.model)
-    result = {"model": args.model, "data": data, **shard_loss(lm, data, seq_len=args.seq_len)}
-    print(f"held-out loss {result['loss']:.4f} over {result['tokens']} target tokens")
+    result = {"model": args.model, "data": data,
+              **shard_loss(lm, data, seq_len=args.seq_len, attention=args.attention)}
+    print(f"held-out loss {result['loss']:.4f} over {result['tokens']} target tokens "
+          f"(attention {result['attention']})")
     for name, value in {**result["loss_by_task"], **result["loss_by_modality"]}.items():
         print(f"  {name:<12} {value:.4f}")
     if args.demo:

@@ -27,26 +27,34 @@ import numpy as np
 MODALITIES = ("image", "speech", "music")
 
 
-def shard_loss(lm: Any, shards: str, seq_len: int = 512, batch_size: int = 8, max_batches: int | None = None) -> dict:
-    """Mean response loss per task (direction) and per modality over held-out shards."""
+def shard_loss(lm: Any, shards: str, seq_len: int = 512, batch_size: int = 8, max_batches: int | None = None,
+               attention: str = "auto") -> dict:
+    """Mean response loss per task (direction) and per modality over held-out shards.
+
+    ``attention``: the packed-row attention path (:mod:`anygpt.attention`; ``auto`` = what training
+    would use on this device), so a user can check a path's numbers on their own data.
+    """
     import torch
 
+    from anygpt.attention import LOADER_ATTENTION, attention_inputs, resolve_attention, using_attention
     from anygpt.config import DataConfig, SourceConfig, TrainConfig
     from anygpt.data import TASK_NAMES, build_eval_loader
 
+    path = resolve_attention(attention, lm.device.type, training=False, key="--attention")
     cfg = TrainConfig(data=DataConfig(sources=[SourceConfig(name="eval", shards=shards)], eval_shards=shards,
                                       seq_len=seq_len))
-    loader = build_eval_loader(cfg, lm.tokenizer, lm.layout, batch_size=batch_size)
+    loader = build_eval_loader(cfg, lm.tokenizer, lm.layout, batch_size=batch_size,
+                               attention=LOADER_ATTENTION[path])
     sums = np.zeros(len(TASK_NAMES))
     counts = np.zeros(len(TASK_NAMES))
     model = lm.model
-    with torch.no_grad():
+    # Generation afterwards (--demo, --generate) runs on the model's own implementation again.
+    with torch.no_grad(), using_attention(model, path):
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
             dev = lm.device
-            logits = model(input_ids=batch["input_ids"].to(dev), position_ids=batch["position_ids"].to(dev),
-                           attention_mask=batch["attention_mask"].to(dev)).logits.float()
+            logits = model(**attention_inputs(batch, path, dev)).logits.float()
             labels = batch["labels"].to(dev)[:, 1:]
             tasks = batch["tasks"].to(dev)[:, 1:]
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels.clamp_min(0),
@@ -64,7 +72,7 @@ def shard_loss(lm: Any, shards: str, seq_len: int = 512, batch_size: int = 8, ma
         if idx:
             per_modality[m] = float(sums[idx].sum() / counts[idx].sum())
     return {"loss": total, "loss_by_task": per_task, "loss_by_modality": per_modality,
-            "tokens": int(counts.sum())}
+            "tokens": int(counts.sum()), "attention": path}
 
 
 def _test_items(shards_dir: Path, modality: str, n: int, with_keys: bool = False) -> list[tuple]:
