@@ -31,9 +31,9 @@ def _data() -> dict:
 
 
 def _train() -> dict:
-    from anygpt.train.bench import bench_train
+    from anygpt.train.bench import bench_attention, bench_train
 
-    return bench_train()
+    return {**bench_train(), "attention": bench_attention()}
 
 
 def _infer() -> dict:
@@ -59,7 +59,7 @@ def ratios(result: Any, prefix: str = "") -> dict[str, float]:
     elif isinstance(result, list):
         for i, v in enumerate(result):
             # Name table rows by what they measured (codec/size/batch) rather than by index.
-            label = "/".join(str(v[k]) for k in ("codec", "size", "batch", "workers") if k in v) \
+            label = "/".join(str(v[k]) for k in ("codec", "size", "batch", "workers", "path") if k in v) \
                 if isinstance(v, dict) else ""
             out.update(ratios(v, f"{prefix}[{label or i}]"))
     return out

@@ -320,3 +320,21 @@ def test_bench_train_reports_overhead_ratio_and_loader_headroom():
     assert result["overhead_ratio"] == pytest.approx(result["trainer_step_s"] / result["bare_step_s"])
     assert result["loader_tokens_per_s"] > 0 and result["train_tokens_per_s"] > 0
     assert "ratio trainer/bare" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_attention_shows_the_mask_bytes_each_path_saves(tmp_path):
+    """`anygpt bench train`'s attention part: bytes per path, forward times, and the numbers agree."""
+    from anygpt.train.bench import bench_attention
+
+    seq_len, batch = 256, 2
+    result = bench_attention(seq_len=seq_len, micro_batch_size=batch, repeats=1, workdir=tmp_path, verbose=False)
+    rows = {r["path"]: r for r in result["paths"]}
+    assert list(rows) == ["mask4d", "flex", "flash_varlen"] and result["examples_per_row"] > 1
+    assert rows["mask4d"]["mask_bytes"] == batch * seq_len * seq_len
+    assert rows["flash_varlen"]["mask_bytes"] < rows["flex"]["mask_bytes"] < rows["mask4d"]["mask_bytes"]
+    assert rows["mask4d"]["forward_s"] > 0 and rows["mask4d"]["step_s"] > 0  # trains everywhere
+    assert rows["flex"]["forward_s"] > 0 and rows["flex"]["loss_diff"] < 1e-5 and rows["flex"]["hidden_max_diff"] < 1e-5
+    for path, row in rows.items():
+        trains = unavailable(path, result["device"], training=True) is None
+        assert ("step_s" in row) == trains and (trains or row["step"].startswith("skipped: "))
