@@ -5,6 +5,11 @@ mask bytes; which path `auto` picks and why a path is refused."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +24,7 @@ from anygpt.data.packing import collate_rows
 from anygpt.train.losses import TokenLoss, lm_loss
 
 L = 200  # two FlexAttention tiles of 128, the second one partial
+REPO = Path(__file__).resolve().parents[1]
 
 
 def packed_batch(vocab: int, seed: int = 0) -> dict:
@@ -70,16 +76,19 @@ def reference_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_se
     return torch.cat(outs)
 
 
-@pytest.fixture
-def flash_on_cpu(monkeypatch):
+def patch_flash_with_reference(setattr_) -> None:
     """transformers' real ``flash_attention_2`` code path, its kernel import replaced by the reference above."""
     import transformers.modeling_flash_attention_utils as mfa
 
     for name in ("_loaded_implementation", "_flash_fn", "_flash_varlen_fn", "_flash_with_kvcache_fn", "_pad_fn",
                  "_unpad_fn", "_process_flash_kwargs_fn", "_process_with_kvcache_kwargs_fn"):
-        monkeypatch.setattr(mfa, name, None)
-    monkeypatch.setattr(mfa, "_lazy_imports",
-                        lambda *a, **k: (None, reference_flash_attn_varlen_func, None, None, None))
+        setattr_(mfa, name, None)
+    setattr_(mfa, "_lazy_imports", lambda *a, **k: (None, reference_flash_attn_varlen_func, None, None, None))
+
+
+@pytest.fixture
+def flash_on_cpu(monkeypatch):
+    patch_flash_with_reference(monkeypatch.setattr)
 
 
 def _use(model, impl):
@@ -193,3 +202,64 @@ def test_gradients_equal_mask4d_on_gpu(path, tiny_tokenizer, tiny_layout):
     assert float((logits - ref_logits).norm() / ref_logits.norm()) <= tol
     for name, g in ref_grads.items():
         assert float((grads[name] - g).norm()) <= tol * float(g.norm()) + 1e-6, name
+
+
+@pytest.mark.slow
+def test_every_path_through_the_zero3_engine_on_cpu(tmp_path):
+    """One rank, ZeRO-3 (gloo): the DeepSpeed engine's hooks pass the BlockMask and the varlen kwargs through,
+    with the LM head at targets and activation checkpointing; flash_varlen also trains a step there."""
+    out = tmp_path / "probe.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, __file__, "--zero3-probe", str(out)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["implementations"] == ["sdpa", "flex_attention", "flash_attention_2"]
+    for path in ("flex", "flash_varlen"):
+        assert abs(r["loss"][path] - r["loss"]["mask4d"]) < 1e-5, r
+    assert r["flash_step_applied"] and r["flash_step_loss"] == pytest.approx(r["loss"]["mask4d"], abs=1e-5)
+
+
+def _zero3_probe(out: Path) -> None:
+    import tempfile
+
+    from conftest import make_tiny_tokenizer
+
+    from anygpt.config import load_train_config
+    from anygpt.text_tokenizer import prepare_tokenizer
+    from anygpt.train.dsconfig import resolve_ds_config
+    from anygpt.train.engine import build_engine, init_runtime, resolve_model_source
+
+    patch_flash_with_reference(setattr)
+    tok_dir = make_tiny_tokenizer(Path(tempfile.mkdtemp()))
+    cfg = load_train_config(None, base={
+        "model": {"name": "tiny", "tokenizer": str(tok_dir), "activation_checkpointing": True},
+        "data": {"sources": [{"name": "unused", "shards": "unused"}], "seq_len": L}, "optim": {"warmup_steps": 0}})
+    rt = init_runtime()
+    tok, layout = prepare_tokenizer(tok_dir)
+    engine = build_engine(cfg, resolve_model_source(cfg), tok, layout, resolve_ds_config(cfg, 1, False), rt).engine
+    loss_fn = TokenLoss(layout, TASK_NAMES, rt.device)
+    batch = packed_batch(layout.total)
+    result: dict = {"loss": {}, "implementations": []}
+    engine.eval()
+    for path in attn.PATHS:
+        if path == "flash_varlen":
+            _use(engine.module, "flash_attention_2")
+        else:
+            attn.set_attention(engine.module, path)
+        result["implementations"].append(engine.module.config._attn_implementation)
+        with torch.no_grad():
+            loss = lm_loss(engine, engine.module, attn.attention_inputs(batch, path, rt.device), batch, loss_fn)[0]
+        result["loss"][path] = float(loss)
+    engine.train()  # still flash_attention_2 (reference kernel): a whole step under ZeRO-3 with checkpointing
+    loss = lm_loss(engine, engine.module, attn.attention_inputs(batch, "flash_varlen", rt.device), batch, loss_fn)[0]
+    engine.backward(loss)
+    engine.step()
+    result["flash_step_loss"], result["flash_step_applied"] = float(loss), bool(engine.was_step_applied())
+    out.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--zero3-probe"]:
+        _zero3_probe(Path(sys.argv[2]))
