@@ -17,32 +17,40 @@ from typing import Any, Callable
 PACKAGES = ("torch", "transformers", "deepspeed", "diffusers", "webdataset", "tokenizers", "numpy", "anygpt-trainer")
 
 
-def _codecs() -> dict:
+def _codecs(args: argparse.Namespace) -> dict:
     from anygpt.modalities.bench import bench_codecs
 
     return bench_codecs(seconds=2.0, batches=(1, 4), real=True)
 
 
-def _data() -> dict:
+def _data(args: argparse.Namespace) -> dict:
     from anygpt.data.bench import bench_loader
     from data_pipeline.bench import bench_data
 
     return {"preprocess": bench_data(), "loader": bench_loader()}
 
 
-def _train() -> dict:
-    from anygpt.train.bench import bench_train
+def _train(args: argparse.Namespace) -> dict:
+    from anygpt.train.bench import bench_attention, bench_train
 
-    return bench_train()
+    return {**bench_train(), "attention": bench_attention()}
 
 
-def _infer() -> dict:
+def _infer(args: argparse.Namespace) -> dict:
     from anygpt.infer.bench import bench_infer
 
     return bench_infer(model="tiny", context=512)
 
 
-BENCHES: dict[str, Callable[[], dict]] = {"codecs": _codecs, "data": _data, "train": _train, "infer": _infer}
+def _gpu(args: argparse.Namespace) -> dict:
+    from anygpt.gpu_check import gpu_check
+
+    return gpu_check(args)
+
+
+BENCHES: dict[str, Callable[[argparse.Namespace], dict]] = {"codecs": _codecs, "data": _data, "train": _train,
+                                                            "infer": _infer, "gpu": _gpu}
+DEFAULT = ("codecs", "data", "train", "infer")  # `gpu` needs a GPU (or --dry-run): asked for by name only
 
 
 def ratios(result: Any, prefix: str = "") -> dict[str, float]:
@@ -59,7 +67,7 @@ def ratios(result: Any, prefix: str = "") -> dict[str, float]:
     elif isinstance(result, list):
         for i, v in enumerate(result):
             # Name table rows by what they measured (codec/size/batch) rather than by index.
-            label = "/".join(str(v[k]) for k in ("codec", "size", "batch", "workers") if k in v) \
+            label = "/".join(str(v[k]) for k in ("codec", "size", "batch", "workers", "path") if k in v) \
                 if isinstance(v, dict) else ""
             out.update(ratios(v, f"{prefix}[{label or i}]"))
     return out
@@ -88,16 +96,22 @@ def machine() -> dict[str, Any]:
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run the benchmarks (codecs, data, train, infer) and print one table")
+    from anygpt.gpu_check import add_gpu_arguments  # standard library only: cheap at parser time
+
+    p = sub.add_parser("bench", help="run the benchmarks (codecs, data, train, infer; gpu) and print one table",
+                       description="Benchmarks as ratios measured side by side. `gpu` is the one-script GPU "
+                                   "check (training per attention path with tokens/s, memory and MFU; codec "
+                                   "real-time factors; KV-cached generation); --dry-run runs it at tiny sizes.")
     # No argparse `choices` here: with nargs="*" it rejects the empty default (a known argparse quirk).
-    p.add_argument("which", nargs="*", metavar="{codecs,data,train,infer}",
-                   help=f"subset to run (default: all of {', '.join(BENCHES)})")
+    p.add_argument("which", nargs="*", metavar="{codecs,data,train,infer,gpu}",
+                   help=f"subset to run (default: {', '.join(DEFAULT)})")
     p.add_argument("--json", default=None, help="write results, ratios, machine and package versions here")
+    add_gpu_arguments(p)
     p.set_defaults(handler=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    which = args.which or list(BENCHES)
+    which = args.which or list(DEFAULT)
     unknown = [w for w in which if w not in BENCHES]
     if unknown:
         raise ValueError(f"bench: unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHES)}")
@@ -105,7 +119,7 @@ def run_bench(args: argparse.Namespace) -> int:
     for name in which:
         print(f"[bench] {name} ...", flush=True)
         t0 = time.perf_counter()
-        results[name] = BENCHES[name]()
+        results[name] = BENCHES[name](args)
         seconds[name] = round(time.perf_counter() - t0, 1)
         table += [(name, k, v) for k, v in ratios(results[name]).items()]
     print(f"\n{'bench':<8} {'ratio':<60} {'value':>10}")

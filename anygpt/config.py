@@ -212,6 +212,12 @@ class ModelConfig:
     tokenizer: str | None = None
     """Tokenizer directory; defaults to the model directory (required for ``tiny``)."""
     activation_checkpointing: bool = False
+    attention: Literal["auto", "mask4d", "flex", "flash_varlen"] = "auto"
+    """Attention over packed rows (examples never see each other): ``mask4d`` (a boolean ``[B, 1, L, L]``
+    mask through SDPA; trains everywhere), ``flex`` (FlexAttention block mask from the segment ids; trains on
+    GPUs), ``flash_varlen`` (flash-attn's varlen kernels from cumulative lengths; CUDA + ``flash_attn``), or
+    ``auto``: the first of flash_varlen, flex, mask4d that trains on this device (mask4d on CPU).  A path that
+    cannot train here is a config error before any rank starts.  See :mod:`anygpt.attention`."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     codecs: str | None = None
     """Codecs directory the data was made with (one subdirectory per modality); its cards size a new
@@ -219,6 +225,10 @@ class ModelConfig:
     modalities: list[str] | None = None
     """Modalities of a *new* layout (default: every registered one), e.g. ``[speech]`` for a
     speech-only model; a layout read from a checkpoint or tokenizer must hold exactly these."""
+
+
+ATTENTION_CHOICES: tuple[str, ...] = typing.get_args(typing.get_type_hints(ModelConfig)["attention"])
+"""``model.attention`` values (``auto`` first), read from the schema so CLI choices never drift from it."""
 
 
 @dataclass

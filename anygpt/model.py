@@ -22,6 +22,12 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=8, max_position_embeddings=2048, rms_norm_eps=1e-5,
                   tie_word_embeddings=False, initializer_range=0.02),
+    # ~0.9 B parameters with the AnyGPT layout (0.82 B without the embeddings): TinyLlama's width and
+    # MLP, 16 layers, head_dim 128 as in LLaMA (every flash kernel takes it); built from scratch by
+    # `anygpt bench gpu` to measure a GPU without downloading a checkpoint.
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+               num_key_value_heads=16, max_position_embeddings=4096, rms_norm_eps=1e-5,
+               tie_word_embeddings=False, initializer_range=0.02),
 }
 
 

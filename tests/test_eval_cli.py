@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+import pytest
+import torch
+
 from anygpt.bench import machine, ratios
 
 SCORER_CALLS = []
@@ -57,13 +60,15 @@ def test_eval_cli_reports_loss_per_task_and_modality(tmp_path, tiny_model, eval_
 def test_heldout_loss_is_the_full_logits_loss_grouped_by_task_and_target(tiny_model, eval_shards):
     """heldout_loss (LM head only at the targets) == cross-entropy over full logits, grouped by the
     batch's task ids and by the kind of the target token."""
-    from anygpt.data import task_names
-    from anygpt.eval.cli import eval_loader
+    from anygpt.config import DataConfig, SourceConfig, TrainConfig
+    from anygpt.data import build_eval_loader, task_names
     from anygpt.eval.loss import heldout_loss
     from anygpt.infer.loading import load_lm
 
     lm = load_lm(tiny_model, device="cpu")
-    loader = eval_loader(lm, eval_shards["eval"], seq_len=512)
+    shards = eval_shards["eval"]
+    cfg = TrainConfig(data=DataConfig(sources=[SourceConfig(name="eval", shards=shards)], eval_shards=shards))
+    loader = build_eval_loader(cfg, lm.tokenizer, lm.layout, batch_size=8)
     got = heldout_loss(lm.model, loader, lm.layout, lm.device)
     sums, counts = {}, {}
     with torch.no_grad():
@@ -114,6 +119,34 @@ def test_eval_demo_calls_the_scorer_the_demo_dir_names(tmp_path, tiny_model, eva
                  "--demo", str(demo)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no_such_module:score" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="flash_varlen may run on this machine")
+def test_eval_attention_path_cannot_run_here_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "anygpt.cli", "eval", "--model", str(tmp_path / "none"),
+                           "--data", str(tmp_path), "--attention", "flash_varlen"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: --attention: flash_varlen needs a CUDA GPU")
+
+
+@pytest.mark.slow
+def test_eval_loss_through_flex_equals_the_4d_mask(tmp_path):
+    """`anygpt eval --attention flex` (forward only, so it runs on CPU too) gives mask4d's held-out loss."""
+    from anygpt.eval.loss import shards_heldout_loss
+    from anygpt.infer.loading import load_lm
+    from anygpt.infer.testing import build_tiny_model_dir
+    from anygpt.train.bench import synthetic_corpus
+
+    lm = load_lm(build_tiny_model_dir(tmp_path / "m"), device="cpu")
+    shards = synthetic_corpus(tmp_path / "data", pairs=2, conversations=2, eval_pairs=6, tokenizer=False)["eval"]
+    ref = shards_heldout_loss(lm, shards, seq_len=256, batch_size=2, attention="mask4d")
+    flex = shards_heldout_loss(lm, shards, seq_len=256, batch_size=2, attention="flex")
+    assert ref["attention"] == "mask4d" and flex["attention"] == "flex" and ref["tokens"] == flex["tokens"] > 0
+    assert abs(flex["loss"] - ref["loss"]) < 1e-5
+    for task, value in ref["loss_by_task"].items():
+        assert abs(flex["loss_by_task"][task] - value) < 1e-5, task
+    assert lm.model.config._attn_implementation == "sdpa"  # generation afterwards runs as before
 
 
 def test_eval_cli_missing_model_is_one_line(tmp_path):

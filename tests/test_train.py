@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from anygpt.attention import unavailable
 from anygpt.train.bench import synthetic_corpus
 from anygpt.train.checkpoint import (COMPLETE, POINTER, TRAINER_STATE, CheckpointError, CheckpointManager,
                                      latest_checkpoint, resolve_checkpoint, tag_for)
@@ -255,8 +256,13 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str], list[str], str]]:
          r"^model\.lora\.target_modules: \['qq_proj'\] not in a LLaMA model"),
         ("resume from a non-checkpoint", [], ["--resume", str(tmp / "empty_dir")], r"^--resume: .*no complete checkpoint"),
         ("bad --nproc", [], ["--nproc", "0"], r"^--nproc: must be >= 1"),
+        ("unknown attention path", ["model.attention=flash"], [], r"^model\.attention: 'flash' is not one of"),
     ] + ([] if torch.cuda.is_available() else
-         [("fp16 without CUDA", ["optim.precision=fp16"], [], r"^optim\.precision: fp16 needs CUDA")])
+         [("fp16 without CUDA", ["optim.precision=fp16"], [], r"^optim\.precision: fp16 needs CUDA"),
+          ("flash_varlen without CUDA", ["model.attention=flash_varlen"], [],
+           r"^model\.attention: flash_varlen needs a CUDA GPU")]) + (
+        [("flex where it has no backward", ["model.attention=flex"], [], r"^model\.attention: flex cannot train on cpu")]
+        if not torch.cuda.is_available() and unavailable("flex", "cpu") else [])
 
 
 def test_every_invalid_config_is_one_line_before_anything_starts(tmp_path, valid_args, no_launch, capsys):
@@ -314,3 +320,21 @@ def test_bench_train_reports_overhead_ratio_and_loader_headroom():
     assert result["overhead_ratio"] == pytest.approx(result["trainer_step_s"] / result["bare_step_s"])
     assert result["loader_tokens_per_s"] > 0 and result["train_tokens_per_s"] > 0
     assert "ratio trainer/bare" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_attention_shows_the_mask_bytes_each_path_saves(tmp_path):
+    """`anygpt bench train`'s attention part: bytes per path, forward times, and the numbers agree."""
+    from anygpt.train.bench import bench_attention
+
+    seq_len, batch = 256, 2
+    result = bench_attention(seq_len=seq_len, micro_batch_size=batch, repeats=1, workdir=tmp_path, verbose=False)
+    rows = {r["path"]: r for r in result["paths"]}
+    assert list(rows) == ["mask4d", "flex", "flash_varlen"] and result["examples_per_row"] > 1
+    assert rows["mask4d"]["mask_bytes"] == batch * seq_len * seq_len
+    assert rows["flash_varlen"]["mask_bytes"] < rows["flex"]["mask_bytes"] < rows["mask4d"]["mask_bytes"]
+    assert rows["mask4d"]["forward_s"] > 0 and rows["mask4d"]["step_s"] > 0  # trains everywhere
+    assert rows["flex"]["forward_s"] > 0 and rows["flex"]["loss_diff"] < 1e-5 and rows["flex"]["hidden_max_diff"] < 1e-5
+    for path, row in rows.items():
+        trains = unavailable(path, result["device"], training=True) is None
+        assert ("step_s" in row) == trains and (trains or row["step"].startswith("skipped: "))

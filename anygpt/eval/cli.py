@@ -18,11 +18,10 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from anygpt.config import DataConfig, SourceConfig, TrainConfig
+from anygpt.config import ATTENTION_CHOICES
 from anygpt.modalities import load_codecs
 
 SUITE_FILE = "eval_suite.json"
-
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="held-out loss per modality/direction (+ a demo's suite, + generation)",
@@ -46,6 +45,9 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                                                      "that transcribes generated speech for --generate's tts")
     p.add_argument("--soundstorm", default=None, help="SoundStorm decoder for tts (default MODEL/soundstorm)")
     p.add_argument("--seq-len", type=int, default=512, help="row length of the packed held-out batches")
+    p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                   help="attention path for the held-out loss over packed rows (default auto: what training "
+                        "uses on this device; flex also runs forward-only on CPU)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(handler=run_eval)
 
@@ -75,18 +77,11 @@ def demo_scorer(demo_dir: str | Path) -> Callable[..., tuple[dict, str]]:
     return import_object(suite["scorer"], str(path))
 
 
-def eval_loader(lm: Any, shards: str, seq_len: int, batch_size: int = 8) -> Any:
-    """The held-out loader over ``shards`` for a loaded model (one process)."""
-    from anygpt.data import build_eval_loader  # torch: imported when the command runs (`anygpt --help` stays fast)
-
-    cfg = TrainConfig(data=DataConfig(sources=[SourceConfig(name="eval", shards=shards)], eval_shards=shards,
-                                      seq_len=seq_len))
-    return build_eval_loader(cfg, lm.tokenizer, lm.layout, batch_size=batch_size)
-
-
 def run_eval(args: argparse.Namespace) -> int:
     # torch and transformers load when the command runs, not when `anygpt --help` builds the parser.
-    from anygpt.eval.loss import heldout_loss
+    from anygpt.attention import resolve_attention
+    from anygpt.eval.loss import shards_heldout_loss
+    from anygpt.infer.generation import pick_device
     from anygpt.infer.loading import load_lm
 
     # Everything that can be checked without the model fails before it loads.
@@ -96,21 +91,20 @@ def run_eval(args: argparse.Namespace) -> int:
         from anygpt.eval.real import check_asr_dir
 
         check_asr_dir(args.asr_model)
+    resolve_attention(args.attention, pick_device("auto").type, training=False, key="--attention")
     data = args.data
     if Path(data).is_dir():
         data = str(Path(data) / "*.tar")
     model_dir = Path(args.model)
     codecs_src = args.codecs or model_dir / "codecs"
     lm = load_lm(args.model)
-    loader = eval_loader(lm, data, args.seq_len)
-    result = {"model": args.model, "data": data, **heldout_loss(lm.model, loader, lm.layout, lm.device),
-              "read": loader.last_stats}
-    print(f"held-out loss {result['loss']:.4f} over {result['tokens']} target tokens")
+    result = {"model": args.model, "data": data, **shards_heldout_loss(lm, data, args.seq_len, attention=args.attention)}
+    read = result["read"]
+    print(f"held-out loss {result['loss']:.4f} over {result['tokens']} target tokens (attention {result['attention']})")
     for name, value in {**result["loss_by_task"], **result["loss_by_modality"]}.items():
         print(f"  {name:<12} {value:.4f}")
-    if loader.last_stats.get("bad_shards"):
-        print(f"  damaged shards: {len(loader.last_stats['bad_shards'])} "
-              f"({loader.last_stats['lost_samples']} samples lost, named in the log above)")
+    if read.get("bad_shards"):
+        print(f"  damaged shards: {len(read['bad_shards'])} ({read['lost_samples']} samples lost, named in the log above)")
     if scorer is not None:
         codecs = load_codecs(codecs_src)
         result["directions"], table = scorer(lm, codecs, Path(args.demo), n_items=args.items, sampling=args.settings)

@@ -19,8 +19,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from anygpt.attention import LOADER_ATTENTION, attention_inputs, resolve_attention, using_attention
+from anygpt.config import DataConfig, SourceConfig, TrainConfig
+from anygpt.data import build_eval_loader
 from anygpt.data.examples import task_names
-from anygpt.train.losses import TokenLoss, lm_loss, model_inputs
+from anygpt.train.losses import TokenLoss, lm_loss
 
 
 @torch.no_grad()
@@ -37,7 +40,7 @@ def heldout_loss(model: Any, loader: Iterable[dict], layout: Any, device: torch.
         layout: the run's vocabulary layout (which ids are which modality).
         device: where the batches go.
         head_owner: the model whose LM head is restricted (``engine.module``; default ``model``).
-        inputs: batch -> the model's keyword arguments (default :func:`~anygpt.train.losses.model_inputs`).
+        inputs: batch -> the model's keyword arguments (default: the 4-D mask, :func:`~anygpt.attention.attention_inputs` with ``mask4d``).
         max_batches: stop after this many batches (None or 0: the whole set).
         all_reduce: sums a tensor over ranks in place (None: one process).
 
@@ -45,7 +48,7 @@ def heldout_loss(model: Any, loader: Iterable[dict], layout: Any, device: torch.
         ``{"loss", "loss_by_modality", "loss_by_task", "tokens"}``.
     """
     loss_fn = TokenLoss(layout, task_names(), torch.device(device))
-    to_inputs = inputs or (lambda batch: model_inputs(batch, device))
+    to_inputs = inputs or (lambda batch: attention_inputs(batch, "mask4d", device))
     stats = loss_fn.zeros()
     was_training = model.training
     model.eval()
@@ -66,4 +69,25 @@ def heldout_loss(model: Any, loader: Iterable[dict], layout: Any, device: torch.
             "loss_by_task": by_task, "tokens": int(count)}
 
 
-__all__ = ["heldout_loss"]
+def shards_heldout_loss(lm: Any, shards: str, seq_len: int = 512, *, attention: str = "auto",
+                        batch_size: int = 8) -> dict[str, Any]:
+    """:func:`heldout_loss` of a loaded model (:func:`anygpt.infer.loading.load_lm`) over held-out shards,
+    through the packed-row ``attention`` path (``auto``: what training would use on this device), so a
+    user can check a path's numbers on their own data.  The model's own attention implementation is
+    restored afterwards (generation keeps working as before).
+
+    Returns :func:`heldout_loss`'s dict plus ``attention`` (the path used) and ``read`` (the loader's
+    counts: examples, skips, damaged shards, lost samples).
+    """
+    path = resolve_attention(attention, lm.device.type, training=False, key="--attention")
+    cfg = TrainConfig(data=DataConfig(sources=[SourceConfig(name="eval", shards=shards)], eval_shards=shards,
+                                      seq_len=seq_len))
+    loader = build_eval_loader(cfg, lm.tokenizer, lm.layout, batch_size=batch_size,
+                               attention=LOADER_ATTENTION[path])
+    with using_attention(lm.model, path):
+        loss = heldout_loss(lm.model, loader, lm.layout, lm.device,
+                            inputs=lambda batch: attention_inputs(batch, path, lm.device))
+    return {**loss, "attention": path, "read": loader.last_stats}
+
+
+__all__ = ["heldout_loss", "shards_heldout_loss"]

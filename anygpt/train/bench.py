@@ -13,6 +13,9 @@ Three numbers on the same engine, model and batch shape (one rank, in this proce
 
 Also :func:`synthetic_corpus` (tiny tokenizer + shards written through :mod:`anygpt.data.schema`, code
 shapes from the codec cards), used by the benchmark and the training tests.
+
+:func:`bench_attention` (also part of ``anygpt bench train``) compares the packed-row attention paths at
+seq_len 2048: mask bytes per step, forward and step time, numbers against the 4-D mask.
 """
 from __future__ import annotations
 
@@ -188,6 +191,130 @@ def bench_train(steps: int = 10, seq_len: int = 256, micro_batch_size: int = 4, 
             print(f"  response-only loss ({result['target_fraction']:.0%} of positions are targets): full LM head "
                   f"{full_s * 1e3:.1f} ms, head at targets {targets_s * 1e3:.1f} ms, "
                   f"speed-up x{result['head_at_targets_speedup']:.2f}")
+        return json.loads(json.dumps(result, default=float))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def bench_attention(seq_len: int = 2048, micro_batch_size: int = 4, model: str = "tiny", repeats: int = 3,
+                    paths: tuple[str, ...] | None = None, device: str | None = None,
+                    workdir: str | Path | None = None, verbose: bool = True) -> dict[str, Any]:
+    """Per attention path (:mod:`anygpt.attention`), on one packed batch of the synthetic corpus: the bytes
+    that describe the attention pattern per micro-batch, the forward time (inputs built + the trainer's
+    forward with the LM head at targets) and, where the path trains on this device, the step time
+    (forward + backward + torch AdamW update).  The loss and the final hidden states are compared with
+    mask4d's, so a fast path that computes something else shows up here.
+
+    Same model, same batch, same optimizer for every path: the path is the only difference.  On a CPU
+    only mask4d trains and flash_varlen cannot run; its bytes are still counted (they need no kernel).
+    """
+    import torch
+
+    from anygpt.attention import PATHS, attention_inputs, mask_nbytes, set_attention, unavailable
+    from anygpt.config import load_train_config
+    from anygpt.data import TASK_NAMES, build_train_loader
+    from anygpt.model import build_model
+    from anygpt.text_tokenizer import prepare_tokenizer
+    from anygpt.train.losses import TokenLoss, lm_loss
+
+    paths = tuple(paths or PATHS)
+    if paths[0] != "mask4d":
+        paths = ("mask4d", *[p for p in paths if p != "mask4d"])  # the reference comes first
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tmp = tempfile.TemporaryDirectory(prefix="anygpt-bench-attention-") if workdir is None else None
+    root = Path(workdir or tmp.name)
+    try:
+        # Speech/music pairs from 0.5 s up to a music clip of half a row (4 ids per frame): rows hold
+        # examples of mixed lengths, from a few dozen tokens to half the row.
+        corpus = synthetic_corpus(root / "data", pairs=96, conversations=0, eval_pairs=0,
+                                  frames=(25, max(26, seq_len // 8)))
+        tok, layout = prepare_tokenizer(corpus["tokenizer"])
+        cfg = load_train_config(None, base={
+            "model": {"name": model, "tokenizer": corpus["tokenizer"]},
+            "data": {"sources": [{"name": "pairs", "shards": corpus["pairs"]}], "seq_len": seq_len},
+            "optim": {"micro_batch_size": micro_batch_size}})
+        with build_train_loader(cfg, tok, layout) as loader:
+            batch = next(loader)
+        lm = build_model(model, layout, tok, seed=0).to(dev)
+        loss_fn = TokenLoss(layout, TASK_NAMES, dev)
+        optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-5)
+
+        def sync() -> None:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+
+        def best(fn) -> float:
+            fn()  # warm-up: compilation (flex), allocator
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        rows: list[dict[str, Any]] = []
+        ref: dict[str, Any] = {}
+        for path in paths:  # forwards first: the steps below change the weights
+            row: dict[str, Any] = {"path": path, "mask_bytes": mask_nbytes(attention_inputs(batch, path, dev))}
+            rows.append(row)
+            reason = unavailable(path, dev.type, training=False)
+            if reason:
+                row["forward"] = row["step"] = f"skipped: {reason}"
+                continue
+            set_attention(lm, path)
+            lm.eval()
+            with torch.no_grad():
+                inputs = attention_inputs(batch, path, dev)
+                loss = float(lm_loss(lm, lm, inputs, batch, loss_fn)[0])
+                hidden = lm.model(**inputs).last_hidden_state
+                if path == "mask4d":
+                    ref = {"loss": loss, "hidden": hidden}
+                row["loss"] = loss
+                row["loss_diff"] = abs(loss - ref["loss"])
+                row["hidden_max_diff"] = float((hidden - ref["hidden"]).abs().max())
+                row["forward_s"] = best(lambda: lm_loss(lm, lm, attention_inputs(batch, path, dev), batch, loss_fn))
+        for row in rows:
+            if "forward_s" not in row:
+                continue
+            path = row["path"]
+            reason = unavailable(path, dev.type, training=True)
+            if reason:
+                row["step"] = f"skipped: {reason}"
+                continue
+            set_attention(lm, path)
+            lm.train()
+
+            def step() -> None:
+                loss = lm_loss(lm, lm, attention_inputs(batch, path, dev), batch, loss_fn)[0]
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            row["step_s"] = best(step)
+        base = rows[0]
+        for row in rows:
+            row["mask_bytes_ratio"] = row["mask_bytes"] / base["mask_bytes"]
+            if "forward_s" in row and "forward_s" in base:
+                row["forward_speedup"] = base["forward_s"] / row["forward_s"]
+        seg = batch["segment_ids"]
+        result = {"model": model, "params": sum(p.numel() for p in lm.parameters()), "device": dev.type,
+                  "seq_len": seq_len, "micro_batch_size": micro_batch_size,
+                  "tokens": int((seg > 0).sum()), "examples_per_row": float(seg.amax(dim=1).float().mean()),
+                  "repeats": repeats, "paths": rows}
+        if verbose:
+            print(f"bench attention ({model}, {result['params'] / 1e6:.2f}M params, {micro_batch_size}x{seq_len} "
+                  f"tokens, {result['examples_per_row']:.1f} examples per row, {dev.type})")
+            print(f"  {'path':<13} {'mask bytes/step':>16} {'vs mask4d':>10} {'forward':>10} {'step':>10}  "
+                  f"vs mask4d: loss, hidden states")
+            for r in rows:
+                fwd = f"{r['forward_s'] * 1e3:8.1f}ms" if "forward_s" in r else f"{'-':>10}"
+                stp = f"{r['step_s'] * 1e3:8.1f}ms" if "step_s" in r else f"{'-':>10}"
+                diff = f"{r['loss_diff']:.1e}, {r['hidden_max_diff']:.1e}" if "loss_diff" in r else "-"
+                skipped = r.get("step", r.get("forward", ""))
+                print(f"  {r['path']:<13} {r['mask_bytes']:>16,} {r['mask_bytes_ratio']:>10.2g} {fwd} {stp}  "
+                      f"{diff}  {skipped}".rstrip())
         return json.loads(json.dumps(result, default=float))
     finally:
         if tmp is not None:

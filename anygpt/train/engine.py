@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from anygpt.attention import set_attention
 from anygpt.config import ConfigError, TrainConfig
 from anygpt.train.dsconfig import offloads_optimizer, resolve_precision, zero_stage
 
@@ -206,8 +207,9 @@ def _load_checkpoint_weights(model: torch.nn.Module, ckpt: Path, rt: Runtime) ->
 
 
 def build_model(cfg: TrainConfig, source: ModelSource, tokenizer: Any, layout: Any, ds_config: dict,
-                rt: Runtime) -> tuple[torch.nn.Module, Any]:
-    """The causal LM, partitioned at construction under ZeRO-3, sized to the layout, LoRA-wrapped if asked.
+                rt: Runtime, attention: str = "mask4d") -> tuple[torch.nn.Module, Any]:
+    """The causal LM, partitioned at construction under ZeRO-3, sized to the layout, with the attention
+    implementation of ``attention`` (a resolved :data:`anygpt.attention.PATHS` entry), LoRA-wrapped if asked.
 
     Returns ``(model, hf_deepspeed_config)``; keep the second alive as long as the model (transformers
     checks it to know ZeRO-3 is on).
@@ -238,6 +240,7 @@ def build_model(cfg: TrainConfig, source: ModelSource, tokenizer: Any, layout: A
             _load_checkpoint_weights(model, Path(source.path), rt)
         lm.resize_to_layout(model, layout)
     model.config.use_cache = False
+    set_attention(model, attention)
     if cfg.model.activation_checkpointing:
         # Non-reentrant checkpointing works with ZeRO-3 hooks and frozen (LoRA) inputs alike.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -302,13 +305,13 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def build_engine(cfg: TrainConfig, source: ModelSource, tokenizer: Any, layout: Any, ds_config: dict,
-                 rt: Runtime) -> EngineBundle:
+                 rt: Runtime, attention: str = "mask4d") -> EngineBundle:
     """Model + AdamW + warmup/cosine schedule wrapped by ``deepspeed.initialize``."""
     import deepspeed
 
     from anygpt.train.schedule import scheduler_factory
 
-    model, keep_alive = build_model(cfg, source, tokenizer, layout, ds_config, rt)
+    model, keep_alive = build_model(cfg, source, tokenizer, layout, ds_config, rt, attention)
     trainable, total = count_params(model)
     optimizer = build_optimizer(cfg, model, ds_config, rt)
     o = cfg.optim

@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from anygpt.attention import LOADER_ATTENTION, attention_inputs
 from anygpt.config import TrainConfig, save_config, to_dict
 from anygpt.data.examples import task_names
 from anygpt.eval.loss import heldout_loss
-from anygpt.train.losses import lm_loss, model_inputs
+from anygpt.train.losses import lm_loss
 
 
 class TrainingStopped(ValueError):
@@ -78,11 +79,14 @@ class Trainer:
         if rt.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        self.bundle = build_engine(cfg, plan.source, self.tokenizer, self.layout, plan.ds_config, rt)
+        self.attention = plan.attention
+        self.bundle = build_engine(cfg, plan.source, self.tokenizer, self.layout, plan.ds_config, rt, plan.attention)
         self.engine = self.bundle.engine
-        self.loader = build_train_loader(cfg, self.tokenizer, self.layout, rt.rank, rt.world_size)
-        self.eval_loader = (build_eval_loader(cfg, self.tokenizer, self.layout, rt.rank, rt.world_size)
-                            if cfg.data.eval_shards else None)
+        # Only mask4d needs the L x L mask; the other paths get segment ids and build what they need.
+        mode = LOADER_ATTENTION[plan.attention]
+        self.loader = build_train_loader(cfg, self.tokenizer, self.layout, rt.rank, rt.world_size, attention=mode)
+        self.eval_loader = (build_eval_loader(cfg, self.tokenizer, self.layout, rt.rank, rt.world_size,
+                                              attention=mode) if cfg.data.eval_shards else None)
         self.loss_fn = TokenLoss(self.layout, task_names(), rt.device)
         self.ckpts = CheckpointManager(self.run_dir, cfg.run.keep_last, rt.rank, rt.world_size, barrier)
         if plan.resume_from is not None:
@@ -113,7 +117,8 @@ class Trainer:
         where = (f"resumed from {self.plan.resume_from} at step {self.step}" if self.plan.resume_from
                  else "fresh start")
         return (f"anygpt train: {rt.world_size} rank(s) ({rt.backend}, {rt.device.type}, "
-                f"{resolve_precision(cfg, rt.cuda)}, ZeRO-{zero_stage(self.plan.ds_config)}); model {cfg.model.name}: "
+                f"{resolve_precision(cfg, rt.cuda)}, ZeRO-{zero_stage(self.plan.ds_config)}, attention "
+                f"{self.attention}); model {cfg.model.name}: "
                 f"{b.total_params / 1e6:.2f}M params, {b.trainable_params / 1e6:.2f}M trainable"
                 f"{' (LoRA)' if cfg.model.lora.enabled else ''}; vocab {self.layout.total}; global batch "
                 f"{o.micro_batch_size}x{o.grad_accum}x{rt.world_size} rows of {cfg.data.seq_len}; {where}; "
@@ -125,7 +130,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _inputs(self, batch: dict) -> dict[str, Any]:
-        return model_inputs(batch, self.rt.device)
+        return attention_inputs(batch, self.attention, self.rt.device)
 
     @staticmethod
     def _input_tokens(batch: dict) -> int:

@@ -56,15 +56,6 @@ def logits_only_at(model: Any, positions: torch.Tensor) -> Iterator[None]:
         handle.remove()
 
 
-def model_inputs(batch: dict, device: torch.device | str) -> dict[str, Any]:
-    """The model's keyword arguments from a loader batch, on ``device`` (the 4-D mask when the batch has one)."""
-    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True),
-              "position_ids": batch["position_ids"].to(device, non_blocking=True)}
-    if batch.get("attention_mask") is not None:
-        inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)
-    return inputs
-
-
 def lm_loss(model: Any, head_owner: Any, inputs: dict[str, Any], batch: dict,
             loss_fn: "TokenLoss") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Forward one packed micro-batch with the LM head only at its target positions; ``loss_fn``'s
@@ -73,7 +64,7 @@ def lm_loss(model: Any, head_owner: Any, inputs: dict[str, Any], batch: dict,
     Args:
         model: what to call (a DeepSpeed engine, or the model itself).
         head_owner: the Hugging Face model whose LM head is restricted (``engine.module``, or ``model``).
-        inputs: the model's keyword arguments (:func:`model_inputs`).
+        inputs: the model's keyword arguments (:func:`anygpt.attention.attention_inputs`).
         batch: the loader's batch (``labels``, ``tasks``).
     """
     with logits_only_at(head_owner, target_positions(batch["labels"])):

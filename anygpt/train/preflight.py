@@ -14,13 +14,15 @@ from anygpt.config import ConfigError, TrainConfig
 
 @dataclass
 class Plan:
-    """What preflight resolved: the DeepSpeed dict, the model source, the checkpoint to resume."""
+    """What preflight resolved: the DeepSpeed dict, the model source, the checkpoint to resume, the
+    attention path (``model.attention`` with ``auto`` resolved for this device)."""
 
     ds_config: dict
     source: object  # engine.ModelSource
     resume_from: Path | None
     world_size: int
     cuda: bool
+    attention: str = "mask4d"
 
 
 def run_tokenizer(cfg: TrainConfig, source: object, resume_from: Path | None = None) -> tuple[object, object]:
@@ -92,6 +94,7 @@ def check_data(cfg: TrainConfig) -> None:
 
 def preflight(cfg: TrainConfig, world_size: int, resume: str | None = None, cuda: bool | None = None) -> Plan:
     """Validate everything checkable without processes or models; ConfigError (one line) otherwise."""
+    from anygpt.attention import resolve_attention
     from anygpt.train.dsconfig import resolve_ds_config
     from anygpt.train.engine import check_lora_targets, resolve_model_source
 
@@ -100,6 +103,7 @@ def preflight(cfg: TrainConfig, world_size: int, resume: str | None = None, cuda
 
         cuda = torch.cuda.is_available()
     ds = resolve_ds_config(cfg, world_size, cuda)
+    attention = resolve_attention(cfg.model.attention, "cuda" if cuda else "cpu", training=True)
     source = resolve_model_source(cfg)
     check_lora_targets(cfg, source)
     if cfg.model.codecs is not None and not Path(cfg.model.codecs).is_dir():
@@ -107,4 +111,4 @@ def preflight(cfg: TrainConfig, world_size: int, resume: str | None = None, cuda
     check_data(cfg)
     ckpt = resolve_resume(cfg, resume, world_size)
     run_tokenizer(cfg, source, ckpt)  # layout read back and checked against model.codecs
-    return Plan(ds, source, ckpt, world_size, cuda)
+    return Plan(ds, source, ckpt, world_size, cuda, attention)
