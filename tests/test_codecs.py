@@ -629,12 +629,13 @@ def test_bench_codecs_tiny_table(capsys):
     result = bench_codecs(seconds=0.5, batches=(2,), real=False)
     rows = result["rows"]
     assert {(r["modality"], r["codec"], r["batch"]) for r in rows} >= {
-        ("speech", "speechtokenizer", 2), ("music", "encodec_32khz", 2), ("image", "seed_tokenizer_2", 2)}
+        ("speech", "speechtokenizer", 2), ("speech", "mimi", 2), ("music", "encodec_32khz", 2),
+        ("image", "seed_tokenizer_2", 2)}
     for r in rows:
         assert r["encode_s"] > 0 and r["decode_s"] > 0
         if r["modality"] != "image":
             assert r["encode_x_realtime"] == pytest.approx(0.5 * r["batch"] / r["encode_s"], rel=0.05)
-            assert r["lm_positions_per_s"] == {"speech": 50, "music": 200}[r["modality"]]
+            assert r["lm_positions_per_s"] == {"speechtokenizer": 50, "mimi": 12.5, "encodec_32khz": 200}[r["codec"]]
     assert "x real time" in capsys.readouterr().out
 
 

@@ -12,7 +12,8 @@ A modality's codecs are its cards (``tokenizers/<codec>.yaml``, or ``card.yaml``
 directory): each card names its modality and the class that implements it, so adding a codec is one
 module plus one card and nothing here changes.  ``build_codec(modality, "tiny")`` builds the tiny
 random codec of the modality's default card; ``build_codec(modality, DIR)`` loads a checkpoint
-directory described by its card; :func:`load_codecs` turns a codecs directory (one subdirectory per
+directory described by its card (``card.yaml``, or for a raw download the card whose ``detect`` rule
+matches it: :func:`directory_card`); :func:`load_codecs` turns a codecs directory (one subdirectory per
 modality) into codec objects, the one implementation of that everywhere.
 
 Appending a modality never moves an id: the default layout places every later modality after the
@@ -28,7 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from anygpt.modalities.cards import dir_card, named_card, all_cards
+from anygpt.modalities.cards import all_cards, card_detects, dir_card, named_card
 from anygpt.modalities.plugin import CodecError, Modality
 
 if TYPE_CHECKING:
@@ -142,38 +143,58 @@ def codec_class(card: dict[str, Any]) -> "type[Codec]":
     return cls
 
 
+def directory_card(directory: str | os.PathLike, modality: str, codec: str | None = None) -> dict[str, Any]:
+    """The card of the codec in a checkpoint directory, checked to serve ``modality``.
+
+    A ``card.yaml`` (written by ``save``) says which codec the directory holds.  A raw official
+    download has none: the first of the modality's cards whose ``detect`` rule matches it
+    (``config.json`` with ``model_type: mimi``), else the card of ``codec``, else the default codec.
+    ``codec`` given and the directory holding another codec is an error.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return codec_card(modality, codec)  # the codec's from_dir names the missing directory
+    card, how = dir_card(directory), ""
+    if card is None:
+        detected = [c for c in (codec_card(modality, n) for n in codec_names(modality)) if card_detects(c, directory)]
+        if not detected:
+            return codec_card(modality, codec)
+        card, how = detected[0], f" (its files match the {detected[0]['name']} card's detect rule)"
+    if card["modality"] != modality:
+        raise CodecError(f"{directory}: holds a {card['modality']} codec ({card['name']}), not a {modality} one")
+    if codec is not None and card["name"] != codec:
+        raise CodecError(f"{directory}: holds codec {card['name']!r}{how}, not {codec!r}")
+    return card
+
+
 def build_codec(modality: str, source: str | os.PathLike = "tiny", codec: str | None = None, **kwargs: Any) -> "Codec":
     """Build ``modality``'s codec from ``"tiny"`` (random, small) or a checkpoint directory.
 
     Args:
         modality: a registered modality.
-        source: ``"tiny"`` or a codec directory (its ``card.yaml`` says which codec it holds; a raw
-            official download without one is read with the card of ``codec`` or the default codec).
+        source: ``"tiny"`` or a codec directory (which codec it holds: :func:`directory_card`).
         codec: the card name to use (``mimi``); a directory holding another codec is an error.
     """
     if str(source) == "tiny":
         card = codec_card(modality, codec)
         return codec_class(card).tiny(card=card, **kwargs)
-    directory = Path(source)
-    card = dir_card(directory) if directory.is_dir() else None
-    if card is None:
-        card = codec_card(modality, codec)
-    elif card["modality"] != modality:
-        raise CodecError(f"{directory}: holds a {card['modality']} codec ({card['name']}), not a {modality} one")
-    elif codec is not None and card["name"] != codec:
-        raise CodecError(f"{directory}: holds codec {card['name']!r}, not {codec!r}")
-    return codec_class(card).from_dir(directory, card=card, **kwargs)
+    card = directory_card(source, modality, codec)
+    return codec_class(card).from_dir(Path(source), card=card, **kwargs)
 
 
 def codec_dir(codecs: str | os.PathLike, modality: str) -> Path:
     """The directory of ``modality``'s codec inside a codecs directory (``DIR/<modality>/``), or
-    ``DIR`` itself when it is one codec's directory (holds a ``card.yaml`` for that modality)."""
+    ``DIR`` itself when it is one codec's directory (holds a ``card.yaml`` for that modality, or is
+    a raw download one of the modality's cards detects)."""
     root = Path(codecs)
     if (root / modality).is_dir():
         return root / modality
-    card = dir_card(root) if root.is_dir() else None
-    if card is not None and card["modality"] == modality:
-        return root
+    if root.is_dir():
+        card = dir_card(root)
+        if card is not None and card["modality"] == modality:
+            return root
+        if card is None and any(card_detects(codec_card(modality, n), root) for n in codec_names(modality)):
+            return root
     raise CodecError(f"{codecs}: no '{modality}/' codec directory (expected one per modality, "
                      f"e.g. from 'anygpt codec fit')")
 
@@ -202,12 +223,9 @@ def load_codecs(codecs: str | os.PathLike | None, modalities: Iterable[str] | No
 
 def directory_cards(codecs: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """The cards of a codecs directory's codecs (modality -> card), without loading any weights."""
-    out = {}
-    for m in codecs_in(codecs):
-        out[m] = dir_card(Path(codecs) / m) or codec_card(m)
-    return out
+    return {m: directory_card(Path(codecs) / m, m) for m in codecs_in(codecs)}
 
 
 __all__ = ["Modality", "CodecError", "register_modality", "registered", "names", "get", "codec_card",
-           "codec_names", "codec_class", "build_codec", "codec_dir", "codecs_in", "load_codecs",
+           "codec_names", "codec_class", "directory_card", "build_codec", "codec_dir", "codecs_in", "load_codecs",
            "directory_cards", "BUILTIN", "PLUGINS_ENV", "ENTRY_POINT_GROUP"]

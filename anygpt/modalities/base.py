@@ -9,7 +9,10 @@ frames; SEED: 1 x 32 ids).  The card's ``lm_codebooks`` says how many leading co
 Besides ``encode``/``decode`` the contract holds what ``anygpt codec fit`` needs to seed a tiny
 codec's codebooks from data: :meth:`Codec.fit_vectors` (what the first codebook quantises) and
 :meth:`Codec.codebooks` (the codebook modules, first to last; residual codebooks are fitted in
-order on what the previous ones leave).
+order on what the previous ones leave).  A codec whose quantiser is split into several residual
+chains fed from the same latent (Mimi: one semantic RVQ + one acoustic RVQ, each with its own input
+projection) overrides :meth:`Codec.fit_chains`; a codebook whose storage ``fit`` cannot write
+directly (derived ``embed``, caches) offers ``set_codebook(centroids, counts)``.
 """
 from __future__ import annotations
 
@@ -87,8 +90,16 @@ class Codec(torch.nn.Module, abc.ABC):
         raise CodecError(f"{type(self).__name__}: this codec has no codebooks to fit")
 
     def codebooks(self) -> list[Any]:
-        """The codebook modules in quantisation order (``nn.Embedding`` or EMA codebooks with ``embed``)."""
+        """The codebook modules in quantisation order, i.e. the order of the codes' codebook axis
+        (``nn.Embedding``, EMA codebooks with ``embed``, or objects with ``set_codebook(centroids,
+        counts)``)."""
         raise CodecError(f"{type(self).__name__}: this codec has no codebooks to fit")
+
+    def fit_chains(self, items: Sequence[Any]) -> list[tuple[torch.Tensor, list[Any]]]:
+        """``(vectors [N, D], codebooks)`` per residual chain: each chain's first codebook is fitted on
+        its vectors, the next ones on what the previous ones leave.  Together the chains hold
+        :meth:`codebooks` in order.  Default: one chain, :meth:`fit_vectors` through every codebook."""
+        return [(self.fit_vectors(items), self.codebooks())]
 
     @classmethod
     def _tiny_from(cls, build: Callable[[], "Codec"], seed: int | None, device: Any = None) -> "Codec":

@@ -12,10 +12,15 @@ Where a card is looked for:
   1. ``<checkpoint dir>/card.yaml`` (written by ``save``/``anygpt codec fit``);
   2. by codec name, ``<name>.yaml`` in ``$ANYGPT_TOKENIZERS_DIR``, in a plugin's own ``card_dir``, then
      in the shipped cards (the repository's ``tokenizers/``, package data of an installed wheel).
+
+A raw official download has no ``card.yaml``.  A card may say how to recognise one
+(``detect: {config.json: {model_type: mimi}}``: each named JSON file exists and holds those values),
+so a codecs directory can hold any of a modality's codecs as downloaded (:func:`card_detects`).
 """
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 from collections import Counter
@@ -74,6 +79,11 @@ def validate_card(card: dict[str, Any], modality: str | None = None) -> dict[str
         raise CodecError(f"card {where}: 'files' must map a role to a non-empty list of file names/patterns")
     if not 1 <= int(card["lm_codebooks"]) <= int(card["num_codebooks"]):
         raise CodecError(f"card {where}: lm_codebooks must be between 1 and num_codebooks ({card['num_codebooks']})")
+    detect = card.get("detect")
+    if detect is not None and not (isinstance(detect, dict) and detect
+                                   and all(isinstance(v, dict) and v for v in detect.values())):
+        raise CodecError(f"card {where}: 'detect' must map a JSON file name to the values it must hold, "
+                         f"e.g. {{config.json: {{model_type: mimi}}}}")
     return card
 
 
@@ -114,6 +124,19 @@ def dir_card(directory: str | os.PathLike) -> dict[str, Any] | None:
     card = _read_yaml(path)
     card["_path"] = str(path)
     return validate_card(card)
+
+
+def card_detects(card: dict[str, Any], directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` (a checkpoint without ``card.yaml``) matches the card's ``detect`` rule:
+    every named JSON file exists and holds the given top-level values.  No rule: False."""
+    for name, want in (card.get("detect") or {}).items():
+        try:
+            data = json.loads((Path(directory) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        if not isinstance(data, dict) or any(data.get(k) != v for k, v in want.items()):
+            return False
+    return bool(card.get("detect"))
 
 
 def card_label(card: dict[str, Any]) -> str:
@@ -245,6 +268,7 @@ __all__ = [
     "named_card",
     "all_cards",
     "dir_card",
+    "card_detects",
     "validate_card",
     "resolve_files",
     "check_codec_matches",

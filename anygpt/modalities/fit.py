@@ -132,6 +132,9 @@ def codebook_usage(codec: Codec, items: Sequence[Any]) -> list[CodebookUsage]:
 
 def _set_codebook(cb: Any, centroids: torch.Tensor, counts: torch.Tensor) -> None:
     """Write centroids into a codebook module, whichever layout it has."""
+    if callable(getattr(cb, "set_codebook", None)):  # the codec knows its codebook's storage (Mimi)
+        cb.set_codebook(centroids, counts)
+        return
     with torch.no_grad():
         if isinstance(cb, torch.nn.Embedding):  # SEED
             cb.weight.copy_(centroids.to(cb.weight))
@@ -145,10 +148,11 @@ def _set_codebook(cb: Any, centroids: torch.Tensor, counts: torch.Tensor) -> Non
             cb.inited.fill_(1)
 
 
-def _fit_rows(codec: Codec, items: Sequence[Any], max_vectors: int, seed: int) -> torch.Tensor:
-    """The codec's fit vectors (what its first codebook quantises), subsampled to ``max_vectors``."""
-    x = codec.fit_vectors(items).float()
-    if x.shape[0] > max_vectors:  # k-means cost is linear in N; a random subset is plenty
+def _subsample(x: torch.Tensor, max_vectors: int, seed: int) -> torch.Tensor:
+    """At most ``max_vectors`` rows (k-means cost is linear in N; a random subset is plenty).  The
+    same seed picks the same frames in every chain of a codec (their rows are the same frames)."""
+    x = x.float()
+    if x.shape[0] > max_vectors:
         x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:max_vectors]]
     return x
 
@@ -159,23 +163,26 @@ def fit_codebooks(codec: Codec, items: Sequence[Any], *, iters: int = 20, seed: 
     """Initialise every codebook of ``codec`` in place from ``items`` (waveforms / images).
 
     Residual codebooks are fitted layer by layer on what the previous ones leave (RVQ); a single
-    codebook (SEED) on the codec's fit vectors.  Each codebook fits at most ``N // min_per_cluster``
-    clusters (see :func:`kmeans`).
+    codebook (SEED) on the codec's fit vectors; a split quantiser chain by chain
+    (:meth:`Codec.fit_chains`).  Each codebook fits at most ``N // min_per_cluster`` clusters (see
+    :func:`kmeans`).
     Returns a :class:`FitReport` with per-codebook usage on the fitting inputs.
     """
     if not items:
         raise CodecError("fit: no inputs given")
     t0 = time.perf_counter()
-    x = _fit_rows(codec, items, max_vectors, seed)
-    books = codec.codebooks()
-    residual = x
-    for layer, cb in enumerate(books):
-        centroids, counts = kmeans(residual, codec.codebook_size, iters=iters, seed=seed + layer,
-                                   min_per_cluster=min_per_cluster, max_clusters=max_clusters)
-        _set_codebook(cb, centroids, counts)
-        if layer + 1 < len(books):
-            residual = residual - centroids[_nearest(residual, centroids)]
-    report = FitReport(codec.modality, len(items), int(x.shape[0]), iters, 0.0, codebook_usage(codec, items))
+    chains = [(_subsample(x, max_vectors, seed), books) for x, books in codec.fit_chains(items)]
+    layer = 0  # counts codebooks across chains: k-means seeds follow the codebook axis
+    for residual, books in chains:
+        for j, cb in enumerate(books):
+            centroids, counts = kmeans(residual, codec.codebook_size, iters=iters, seed=seed + layer,
+                                       min_per_cluster=min_per_cluster, max_clusters=max_clusters)
+            _set_codebook(cb, centroids, counts)
+            if j + 1 < len(books):
+                residual = residual - centroids[_nearest(residual, centroids)]
+            layer += 1
+    vectors = int(chains[0][0].shape[0]) if chains else 0
+    report = FitReport(codec.modality, len(items), vectors, iters, 0.0, codebook_usage(codec, items))
     slots = int(codec.card.get("tokens_per_item") or 0)
     if slots and report.codebooks[0].used < 2 * slots:
         # One codebook serves every slot of a fixed-length span (SEED's 32 queries) and slot vectors
