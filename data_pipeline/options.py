@@ -203,18 +203,10 @@ class PreprocessOptions:
 
     def codec_choice(self) -> dict[str, str]:
         """``--codec`` names -> ``{modality: codec name}`` (the modality whose cards include the name)."""
-        chosen: dict[str, str] = {}
-        for name in self.codec_names:
-            owners = [m for m in registry.names() if name in registry.codec_names(m)]
-            if not owners:
-                known = sorted({c for m in registry.names() for c in registry.codec_names(m)})
-                raise PreprocessError(f"--codec: no registered modality has a codec named {name!r} "
-                                      f"(known: {', '.join(known)})")
-            m = owners[0]
-            if chosen.get(m, name) != name:
-                raise PreprocessError(f"--codec: {chosen[m]} and {name} are both {m} codecs; give one per modality")
-            chosen[m] = name
-        return chosen
+        try:
+            return registry.choose_codecs(self.codec_names)
+        except CodecError as e:
+            raise PreprocessError(f"--codec: {e}") from None
 
     def run_cards(self) -> dict[str, dict[str, Any]]:
         """The card of each registered modality's codec in this run (no weights read).

@@ -131,6 +131,22 @@ def codec_names(modality: str) -> list[str]:
     return sorted(set(found), key=lambda n: (n != plugin.default_codec, n))
 
 
+def choose_codecs(wanted: Iterable[str]) -> dict[str, str]:
+    """Codec names (``--codec mimi``) -> ``{modality: name}``, each name given to the modality whose
+    cards include it; ``CodecError`` for an unknown name or two codecs for one modality."""
+    chosen: dict[str, str] = {}
+    for name in wanted:
+        owners = [m for m in names() if name in codec_names(m)]
+        if not owners:
+            known = sorted({c for m in names() for c in codec_names(m)})
+            raise CodecError(f"no registered modality has a codec named {name!r} (known: {', '.join(known)})")
+        m = owners[0]
+        if chosen.get(m, name) != name:
+            raise CodecError(f"{chosen[m]} and {name} are both {m} codecs; give one per modality")
+        chosen[m] = name
+    return chosen
+
+
 def codec_class(card: dict[str, Any]) -> "type[Codec]":
     """The class a card names in ``implementation: package.module:ClassName``."""
     impl = str(card.get("implementation", ""))
@@ -227,5 +243,5 @@ def directory_cards(codecs: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 
 __all__ = ["Modality", "CodecError", "register_modality", "registered", "names", "get", "codec_card",
-           "codec_names", "codec_class", "directory_card", "build_codec", "codec_dir", "codecs_in", "load_codecs",
+           "codec_names", "choose_codecs", "codec_class", "directory_card", "build_codec", "codec_dir", "codecs_in", "load_codecs",
            "directory_cards", "BUILTIN", "PLUGINS_ENV", "ENTRY_POINT_GROUP"]
