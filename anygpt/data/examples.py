@@ -55,11 +55,16 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def layout_codes(codes: np.ndarray, member: str, layout: VocabLayout, modality: str) -> np.ndarray:
+def layout_codes(codes: np.ndarray, member: str, layout: VocabLayout, modality: str,
+                 codec: str | None = None) -> np.ndarray:
     """The codebooks of a media member's codes (:meth:`Sample.codes`) that the LM sees, checked
-    against the run's layout: enough codebooks, every code inside the modality's range
-    (``SampleError`` ``bad_codes`` / ``codes_out_of_range`` otherwise, e.g. another codec's shards)."""
+    against the run's layout: made with the layout's codec (when both record one; ``codec_mismatch``
+    names both: Mimi codes fit a SpeechTokenizer range by value but mean something else), enough
+    codebooks, every code inside the modality's range (``bad_codes`` / ``codes_out_of_range``)."""
     m = layout.modality(modality)
+    if codec is not None and m.codec is not None and codec != m.codec:
+        raise SampleError("codec_mismatch", f"{member}: codes made with {codec}, but this model's {modality} "
+                                            f"range is for {m.codec}")
     if codes.shape[0] < m.num_codebooks:
         raise SampleError("bad_codes", f"{member}: {codes.shape[0]} codebooks, {modality} needs {m.num_codebooks}")
     used = codes[: m.num_codebooks]
@@ -144,7 +149,7 @@ class ExampleBuilder:
 
     # ------------------------------------------------------------------ decoding
     def _codes(self, sample: Sample, member: str, modality: str) -> np.ndarray:
-        return layout_codes(sample.codes(member), member, self.layout, modality)
+        return layout_codes(sample.codes(member), member, self.layout, modality, sample.codec(member))
 
     def _pair(self, sample: Sample) -> tuple[str, np.ndarray, str]:
         """``(modality, codes, text)`` of a stage-1 pair."""

@@ -229,6 +229,11 @@ class Sample:
             member += ".npy"
         return decode_codes(self.raw.get(member), member)
 
+    def codec(self, member: str) -> str | None:
+        """The codec card name the member's codes were made with (``json["media"]``), if recorded."""
+        entry = (self.meta.get("media") or {}).get(member if member.endswith(".npy") else member + ".npy")
+        return entry.get("codec") if isinstance(entry, dict) else None
+
     def pair_member(self, modalities: Iterable[str]) -> tuple[str, str]:
         """``(modality, member)`` of a pair, among ``modalities`` (the reader's layout)."""
         known = list(modalities)

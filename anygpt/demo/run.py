@@ -31,7 +31,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,8 @@ class DemoSettings:
     model: str = "tiny"
     eval_items: int = 48  # held-out items per direction (half novel combinations, half seen ones)
     nproc: int = 2
+    # modality -> codec card name for modalities not using their default codec (``--codec mimi``).
+    codecs: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def quick(cls) -> "DemoSettings":
@@ -143,7 +145,8 @@ def make_codecs(corpus_dir: Path, codecs_dir: Path, settings: DemoSettings) -> d
     usage = {}
     for m in demo_modalities():
         _, report = fit_codec(m, manifest_media(corpus_dir / f"train_{m}.jsonl", m), codecs_dir / m,
-                              iters=settings.kmeans_iters, max_clusters=grammar(m).codec_clusters)
+                              codec=settings.codecs.get(m), iters=settings.kmeans_iters,
+                              max_clusters=grammar(m).codec_clusters)
         print("   " + report.summary().replace("\n", "\n   "), flush=True)
         usage[m] = report.to_dict()
     return usage
@@ -215,6 +218,18 @@ def render_samples(model_dir: Path, corpus_dir: Path, out_dir: Path) -> list[dic
     return [r.to_dict() for r in results]
 
 
+def codec_facts(codecs_dir: Path) -> dict[str, dict[str, Any]]:
+    """Per modality: which codec the run used and how many LM positions its media cost (per second of
+    audio, from the card's frame rate x ``lm_codebooks``; per item for fixed-length spans)."""
+    out = {}
+    for m, card in registry.directory_cards(codecs_dir).items():
+        rate = card.get("frame_rate")
+        out[m] = {"codec": card["name"], "frame_rate": rate, "lm_codebooks": int(card["lm_codebooks"]),
+                  "lm_positions_per_second": float(rate) * int(card["lm_codebooks"]) if rate else None,
+                  "lm_positions_per_item": card.get("tokens_per_item")}
+    return out
+
+
 def write_report(out: Path, report: dict) -> None:
     """``report.json`` (machine-readable) and ``report.md`` (for people), next to each other."""
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
@@ -224,7 +239,12 @@ def write_report(out: Path, report: dict) -> None:
              "Score = mean attribute accuracy on held-out items (half novel attribute combinations, half new "
              "renderings of seen ones); "
              "text→X answers are judged by the nearest reference rendering of every caption.", "",
-             "## Codebook usage (fitted tiny codecs)", ""]
+             "## Codecs (LM positions each costs)", ""]
+    for m, c in report["codecs"].items():
+        cost = (f"{c['lm_positions_per_second']:g} positions per second" if c["lm_positions_per_second"]
+                else f"{c['lm_positions_per_item']} positions per item")
+        lines.append(f"- {m}: {c['codec']}, {cost}")
+    lines += ["", "## Codebook usage (fitted tiny codecs)", ""]
     for m, u in report["codebooks"].items():
         lines += [f"- {m}: " + ", ".join(f"{c['name']} {c['used']}/{c['size']} used (perplexity {c['perplexity']:.1f})"
                                          for c in u["codebooks"])]
@@ -298,6 +318,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
     report = {
         "directions": directions,
         "codebooks": usage,
+        "codecs": codec_facts(codecs_dir),
         "shards": {k: {key: v[key] for key in ("inputs", "written", "skipped")} for k, v in shard_stats.items()},
         "loss_curves": {name: str(out / "runs" / name / "loss.png") for name in ("stage1", "stage2")
                         if (out / "runs" / name / "loss.png").exists()},

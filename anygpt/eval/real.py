@@ -77,7 +77,7 @@ def held_out_pairs(shards: str, layout: Any, modalities: Sequence[str], items: i
                     modality, member = sample.pair_member(layout.modalities)
                     text = sample.text.strip()
                     codes = sample.codes(member)
-                    layout_codes(codes, member, layout, modality)
+                    layout_codes(codes, member, layout, modality, sample.codec(member))
                 except SampleError as e:
                     skipped[e.reason] += 1
                     if e.reason not in ("conversation", "unknown_modality"):

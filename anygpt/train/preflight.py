@@ -92,6 +92,37 @@ def check_data(cfg: TrainConfig) -> None:
             raise ConfigError(f"data.eval_shards: {e}") from None
 
 
+def check_shard_codecs(cfg: TrainConfig, layout: object) -> None:
+    """The first sample of each source's first local shard was made with the layout's codecs.
+
+    Codes of another codec can lie inside a range by value (Mimi's ids below 1024 in a SpeechTokenizer
+    model) and would train the model on meaningless tokens; this one read per source catches a mixed-up
+    shard set before any rank starts (the loader also skips such samples one by one, ``codec_mismatch``).
+    """
+    from anygpt.data import ShardError, expand_shards
+    from anygpt.data.schema import SampleError, decode_sample
+    from anygpt.data.shards import iter_shard_samples
+
+    specs = [(f"data.sources[{i}] ({s.name})", s.shards) for i, s in enumerate(cfg.data.sources)]
+    if cfg.data.eval_shards:
+        specs.append(("data.eval_shards", cfg.data.eval_shards))
+    for key, spec in specs:
+        first = expand_shards(spec)[0]
+        if ":" in first.split("/")[0]:  # a URL (pipe:, s3:, https:): not opened before training
+            continue
+        try:
+            sample = decode_sample(next(iter(iter_shard_samples(first)), {}))
+        except (ShardError, SampleError, StopIteration):
+            continue  # unreadable data is the loader's to count and report
+        for member, entry in (sample.meta.get("media") or {}).items():
+            m = entry.get("modality") if isinstance(entry, dict) else None
+            spec_m = layout.modalities.get(m)
+            made = entry.get("codec") if isinstance(entry, dict) else None
+            if spec_m is not None and made and spec_m.codec and made != spec_m.codec:
+                raise ConfigError(f"{key}: {first} holds {m} codes made with {made}, but the model's {m} range "
+                                  f"is for {spec_m.codec}; preprocess with the model's codecs")
+
+
 def preflight(cfg: TrainConfig, world_size: int, resume: str | None = None, cuda: bool | None = None) -> Plan:
     """Validate everything checkable without processes or models; ConfigError (one line) otherwise."""
     from anygpt.attention import resolve_attention
@@ -110,5 +141,6 @@ def preflight(cfg: TrainConfig, world_size: int, resume: str | None = None, cuda
         raise ConfigError(f"model.codecs: {cfg.model.codecs} is not a directory")
     check_data(cfg)
     ckpt = resolve_resume(cfg, resume, world_size)
-    run_tokenizer(cfg, source, ckpt)  # layout read back and checked against model.codecs
+    _, layout = run_tokenizer(cfg, source, ckpt)  # layout read back and checked against model.codecs
+    check_shard_codecs(cfg, layout)
     return Plan(ds, source, ckpt, world_size, cuda, attention)
