@@ -31,9 +31,9 @@ def _data(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace) -> dict:
-    from anygpt.train.bench import bench_attention, bench_train
+    from anygpt.train.bench import bench_attention, bench_codecs_train, bench_train
 
-    return {**bench_train(), "attention": bench_attention()}
+    return {**bench_train(), "attention": bench_attention(), "codecs": bench_codecs_train()}
 
 
 def _infer(args: argparse.Namespace) -> dict:

@@ -38,11 +38,11 @@ def _sentence(rng: np.random.Generator, lo: int = 4, hi: int = 16) -> str:
 
 
 def random_media(rng: np.random.Generator, modality: str, frames: tuple[int, int] | None = None,
-                 seconds: tuple[float, float] = (2.0, 6.0)) -> MediaItem:
-    """Random codes for ``modality`` shaped by its default codec card: every codebook the shards keep,
-    the card's fixed span length (``tokens_per_item``) or a number of frames drawn from ``frames``
-    (default: ``seconds`` at the card's frame rate)."""
-    card = registry.codec_card(modality)
+                 seconds: tuple[float, float] = (2.0, 6.0), card: dict | None = None) -> MediaItem:
+    """Random codes for ``modality`` shaped by a codec card (default: the modality's default card): every
+    codebook the shards keep, the card's fixed span length (``tokens_per_item``) or a number of frames
+    drawn from ``frames`` (default: ``seconds`` at the card's frame rate)."""
+    card = card or registry.codec_card(modality)
     k, size = int(card["num_codebooks"]), int(card["codebook_size"])
     rate = card.get("frame_rate")
     if card.get("tokens_per_item"):

@@ -197,6 +197,78 @@ def bench_train(steps: int = 10, seq_len: int = 256, micro_batch_size: int = 4, 
             tmp.cleanup()
 
 
+def bench_codecs_train(seconds: float = 10.0, examples: int = 4, steps: int = 3, repeats: int = 2,
+                       model: str = "tiny", workdir: str | Path | None = None,
+                       verbose: bool = True) -> dict[str, Any]:
+    """Step time for the same seconds of audio under each codec of every transcribed modality (speech:
+    SpeechTokenizer's 50 LM positions per second against Mimi's 12.5).
+
+    Every step trains on ``examples`` pairs of ``seconds`` of audio plus their transcripts, one pair per
+    row, rows just long enough for the longest; only the codec (its card: frame rate, ``lm_codebooks``,
+    codebook size, hence the layout) differs between the runs.
+    """
+    from anygpt.config import load_train_config
+    from anygpt.modalities.cards import write_card
+    from anygpt.text_tokenizer import prepare_tokenizer, train_tiny_tokenizer
+    from anygpt.train.loop import Trainer
+
+    tmp = tempfile.TemporaryDirectory(prefix="anygpt-bench-codecs-") if workdir is None else None
+    root = Path(workdir or tmp.name)
+    rows = []
+    try:
+        rng = np.random.default_rng(0)
+        raw = train_tiny_tokenizer([_text(rng, 3, 12) for _ in range(400)] + [" ".join(WORDS)] * 5,
+                                   root / "tokenizer_raw", vocab_size=320)
+        for plugin in registry.registered().values():
+            if plugin.text_kind != "transcript":
+                continue
+            for name in registry.codec_names(plugin.name):
+                card = registry.codec_card(plugin.name, name)
+                if not card.get("frame_rate"):
+                    continue
+                run = root / name
+                write_card(card, run / "codecs" / plugin.name)  # the card alone sizes the layout
+                prepare_tokenizer(raw, run / "tokenizer", cards={plugin.name: card})
+                frames = int(round(seconds * float(card["frame_rate"])))
+                samples = [encode_sample(id=f"p{i}", kind="pair", source="bench", text=_text(rng),
+                                         media=[random_media(rng, plugin.name, (frames, frames + 1), card=card)])
+                           for i in range(examples * 4)]
+                write_samples(run / "data", "pairs", samples, examples)
+                positions = frames * int(card["lm_codebooks"])
+                seq_len = (positions + 128 + 63) // 64 * 64  # one pair per row: the span, its markers, the prompt
+                cfg = load_train_config(None, base={
+                    "run": {"dir": str(run / "run"), "max_steps": 1 + repeats * steps + 1, "save_every": 10**6,
+                            "log_every": 10**6, "progress": False, "tensorboard": False},
+                    "model": {"name": model, "tokenizer": str(run / "tokenizer"), "codecs": str(run / "codecs")},
+                    "data": {"sources": [{"name": "pairs", "shards": str(run / "data" / "*.tar")}],
+                             "seq_len": seq_len},
+                    "optim": {"micro_batch_size": examples, "warmup_steps": 1},
+                })
+                trainer = Trainer(cfg).setup()
+                trainer.train_step()  # warm-up
+                step_s = min(_mean_time(trainer.train_step, steps) for _ in range(repeats))
+                trainer.loader.close()
+                trainer.logger.close()
+                rows.append({"modality": plugin.name, "codec": name, "seconds_per_example": seconds,
+                             "examples_per_step": examples, "lm_positions_per_second": positions / seconds,
+                             "seq_len": seq_len, "step_s": round(step_s, 4)})
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    by_modality: dict[str, list] = {}
+    for r in rows:
+        by_modality.setdefault(r["modality"], []).append(r)
+    for group in by_modality.values():
+        slowest = max(r["step_s"] for r in group)
+        for r in group:
+            r["step_speedup_vs_slowest"] = round(slowest / r["step_s"], 2)
+    if verbose:
+        for r in rows:
+            print(f"{r['modality']:<8} {r['codec']:<16} {r['lm_positions_per_second']:>6g} positions/s  "
+                  f"seq_len {r['seq_len']:>5}  step {r['step_s']:.3f}s  x{r['step_speedup_vs_slowest']}")
+    return {"rows": rows}
+
+
 def bench_attention(seq_len: int = 2048, micro_batch_size: int = 4, model: str = "tiny", repeats: int = 3,
                     paths: tuple[str, ...] | None = None, device: str | None = None,
                     workdir: str | Path | None = None, verbose: bool = True) -> dict[str, Any]:
