@@ -190,6 +190,10 @@ def run_preprocess(opts: PreprocessOptions, codecs: Optional[dict] = None, verbo
     if opts.overwrite and world > 1:
         raise PreprocessError("--overwrite with several ranks would let them delete each other's shards; "
                               "clear OUT once before launching the ranks")
+    if opts.engine == "ray":
+        from data_pipeline.ray_engine import import_ray
+
+        import_ray()  # a missing extra fails here, before any file is written
     out = Path(opts.out)
     if not opts.overwrite:
         _check_run_file(out, opts)

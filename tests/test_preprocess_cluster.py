@@ -245,6 +245,16 @@ def test_status_reports_pending_ranks_and_exit_codes(tmp_path, codecs):
     assert rc == 0 and "complete: nothing to resubmit" in text and "5/5 done" in text
 
 
+def test_engine_ray_without_ray_is_one_line_before_any_work(tmp_path, monkeypatch):
+    manifest = S.speech_image_manifest(tmp_path / "c", 2)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    out = tmp_path / "out"
+    rc, _, err = _cli(["preprocess", "--source", "manifest", "--input", str(manifest), "--out", str(out), "--tiny",
+                       "--engine", "ray"])
+    assert rc == 1 and err.count("\n") == 1 and "pip install 'anygpt-trainer[ray]'" in err, err
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------ real processes
 def _corpus(root: Path, n: int = 12) -> Path:
     m = S.speech_image_manifest(root, n, seconds=0.3)
