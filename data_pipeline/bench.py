@@ -5,7 +5,8 @@ the real-size SpeechTokenizer costs far more than reading, resampling and writin
 benchmark compares, on the same few hundred short clips:
 
 - **codec**: the bare batched ``codec.encode`` (clips decoded and resampled beforehand, batches of
-  ``batch_size`` as the pipeline forms them), at ``threads`` torch threads;
+  ``batch_size`` as the pipeline forms them), at ``threads`` torch threads, half of the clips just
+  before and half just after the 1-worker pipeline run (a drifting machine load then cancels);
 - **pipeline, 1 worker**: ``run_preprocess`` in-process with the same codec object (the
   ``codecs=`` mapping) and the same threads;
 - **pipeline, N workers**: spawned workers at the same *total* threads (each ``threads / N``),
@@ -61,30 +62,34 @@ def _corpus(root: Path, n: int, seconds: float, modalities: tuple[str, ...]) -> 
     return path
 
 
-def _bare_codec(root: Path, manifest: Path, codecs: dict, batch_size: int) -> dict[str, float]:
-    """Decode, resample and encode every clip directly; returns seconds per step and samples."""
+def _decoded(root: Path, manifest: Path, codecs: dict) -> tuple[list[tuple[str, np.ndarray]], float, float]:
+    """Every clip decoded and resampled for its codec: ``(clips, decode_s, resample_s)``."""
     import soundfile as sf
-    import torch
 
-    rows = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
-    wavs: dict[str, list[np.ndarray]] = {}
+    clips = []
     decode = resample = 0.0
-    for r in rows:
+    for line in manifest.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
         m = next(k for k in r if k in codecs)
         t0 = time.perf_counter()
         data, sr = sf.read(str(root / r[m]), dtype="float32", always_2d=True)
         t1 = time.perf_counter()
-        wavs.setdefault(m, []).append(media.resample(media.to_mono(data), sr, int(codecs[m].sample_rate)))
+        clips.append((m, media.resample(media.to_mono(data), sr, int(codecs[m].sample_rate))))
         decode, resample = decode + t1 - t0, resample + time.perf_counter() - t1
+    return clips, decode, resample
+
+
+def _encode(clips: list[tuple[str, np.ndarray]], codecs: dict, batch_size: int) -> float:
+    """Seconds of bare batched ``codec.encode`` over ``clips`` (batched per modality, like the pipeline)."""
+    import torch
+
+    t0 = time.perf_counter()
     with torch.inference_mode():
-        for m, ws in wavs.items():  # warm-up: the first call pays one-off costs (weight packing)
-            codecs[m].encode(ws[:1])
-        t0 = time.perf_counter()
-        for m, ws in wavs.items():
+        for m, codec in codecs.items():
+            ws = [w for mm, w in clips if mm == m]
             for i in range(0, len(ws), batch_size):
-                codecs[m].encode(ws[i : i + batch_size])
-        encode = time.perf_counter() - t0
-    return {"decode_s": decode, "resample_s": resample, "encode_s": encode, "samples": len(rows)}
+                codec.encode(ws[i : i + batch_size])
+    return time.perf_counter() - t0
 
 
 def _pipeline(manifest: Path, out: Path, codecs_dir: Path, workers: int, shard_size: int, batch_size: int,
@@ -142,16 +147,22 @@ def bench_data(n: int = 200, seconds: float = 1.0, modalities: tuple[str, ...] =
                 (cls.official(card=card) if real else cls.tiny(card=card)).save(root / "codecs" / m)
                 codecs[m] = registry.build_codec(m, str(root / "codecs" / m)).eval()
             manifest = _corpus(root / "corpus", n, seconds, modalities)
-            bare = _bare_codec(root / "corpus", manifest, codecs, batch_size)
+            clips, decode_s, resample_s = _decoded(root / "corpus", manifest, codecs)
+            _encode(clips[: len(codecs)], codecs, batch_size)  # warm-up: one-off costs (weight packing)
+            # The bare codec runs half before and half after the 1-worker pipeline: on a shared machine
+            # the load drifts over minutes, and bracketing the pipeline cancels a steady drift.
+            half = len(clips) // 2
+            encode_s = _encode(clips[:half], codecs, batch_size)
             runs = [_pipeline(manifest, root / "out1", root / "codecs", 1, shard_size, batch_size, codecs)]
-            del codecs  # the N-worker run loads its own copies; free this one's memory first
+            encode_s += _encode(clips[half:], codecs, batch_size)
+            del codecs, clips  # the N-worker run loads its own copies; free this one's memory first
             runs.append(_pipeline(manifest, root / f"out{workers}", root / "codecs", workers, shard_size,
                                   batch_size, None))
     finally:
         torch.set_num_threads(before)
-    codec_rate = bare["samples"] / bare["encode_s"] if bare["encode_s"] > 0 else 0.0
+    codec_rate = n / encode_s if encode_s > 0 else 0.0
     t = runs[0]["timings"]
-    breakdown = {"media decode (measured apart)": bare["decode_s"], "resampling (measured apart)": bare["resample_s"],
+    breakdown = {"media decode (measured apart)": decode_s, "resampling (measured apart)": resample_s,
                  "read total (decode + resample + filters)": t["read_s"], "encode": t["encode_s"],
                  "tar write (+ code checks, samples)": t["write_s"],
                  "other (plan reads, commits, bookkeeping)": max(0.0, runs[0]["seconds"] - t["read_s"] - t["encode_s"]
@@ -159,7 +170,7 @@ def bench_data(n: int = 200, seconds: float = 1.0, modalities: tuple[str, ...] =
     result = {
         "inputs": n, "real": real, "seconds_per_clip": seconds, "threads": threads, "cpu_count": os.cpu_count(),
         "codecs": {m: registry.codec_card(m)["name"] for m in modalities},
-        "codec": {"samples_per_s": codec_rate, "encode_s": round(bare["encode_s"], 3)},
+        "codec": {"samples_per_s": codec_rate, "encode_s": round(encode_s, 3)},
         "runs": runs,
         "ratio_pipeline_vs_codec": runs[0]["samples_per_s"] / codec_rate if codec_rate else 0.0,
         "ratio_encode_share": t["encode_s"] / runs[0]["seconds"] if runs[0]["seconds"] > 0 else 0.0,
