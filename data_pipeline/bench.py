@@ -2,7 +2,7 @@
 
 The codec is the physical limit of preprocessing: on a CPU box, encoding a second of speech with
 the real-size SpeechTokenizer costs far more than reading, resampling and writing it.  So the
-benchmark compares, on the same few hundred short clips:
+benchmark compares, on the same 128 one-second clips (a few minutes on 2 idle cores):
 
 - **codec**: the bare batched ``codec.encode`` (clips decoded and resampled beforehand, batches of
   ``batch_size`` as the pipeline forms them), at ``threads`` torch threads, half of the clips just
@@ -106,7 +106,7 @@ def _pipeline(manifest: Path, out: Path, codecs_dir: Path, workers: int, shard_s
             "samples_per_s": stats["written"] / span if span > 0 else 0.0, "timings": stats["timings"]}
 
 
-def bench_data(n: int = 200, seconds: float = 1.0, modalities: tuple[str, ...] = ("speech",), workers: int = 2,
+def bench_data(n: int = 128, seconds: float = 1.0, modalities: tuple[str, ...] = ("speech",), workers: int = 2,
                shard_size: int = 16, batch_size: int = 8, threads: Optional[int] = None, real: bool = True,
                verbose: bool = True) -> dict[str, Any]:
     """Pipeline vs bare codec at real codec size, and 1 vs ``workers`` workers; returns the numbers.

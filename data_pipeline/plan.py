@@ -21,7 +21,7 @@ corpus later are not picked up (use another ``--out`` or ``--overwrite``).
 Concurrent ranks (an array job starting at once): the plan is written by whoever takes
 ``plan.lock`` first (``O_EXCL`` create; the holder refreshes its mtime every few seconds).  The
 others wait for ``plan.json``; when the lock stops changing for :data:`LOCK_STALE_S` seconds (its
-holder died) one of them takes it over.  Correctness never depends on the lock: the plan is a
+holder died) one of them takes it over (a killed planner's half-written scan is removed later).  Correctness never depends on the lock: the plan is a
 pure function of the settings and the corpus and is committed by atomic renames, so two ranks
 writing it at once (a takeover racing a slow holder) write the same bytes.  The lock only avoids
 W-fold scans.  Staleness is judged by the waiter's own clock watching the mtime change, so clock
@@ -47,9 +47,10 @@ PLAN_FILE = "plan.json"
 INPUTS_PREFIX = "plan.inputs-"
 LOCK_FILE = "plan.lock"
 FORMAT = 1
-# The planner touches the lock every LOCK_BEAT_S; a lock unchanged for LOCK_STALE_S is abandoned.
+# The planner touches the lock every LOCK_BEAT_S; a lock unchanged for LOCK_STALE_S is abandoned
+# (well above NFS clients' attribute cache, up to 60 s, so a live planner is not mistaken for a dead one).
 LOCK_BEAT_S = 5.0
-LOCK_STALE_S = 60.0
+LOCK_STALE_S = 120.0
 WAIT_LOG_S = 30.0
 
 
@@ -220,6 +221,12 @@ def write_plan(out: Path, opts: PreprocessOptions, items: Iterable[InputItem], w
     for old in out.glob(f"{INPUTS_PREFIX}*.jsonl"):  # an --overwrite's predecessor
         if old.name != name:
             old.unlink(missing_ok=True)
+    for tmp_left in out.glob(f"{INPUTS_PREFIX}tmp-*"):  # a killed planner's scan (not a live one's)
+        try:
+            if time.time() - tmp_left.stat().st_mtime > 2 * LOCK_STALE_S:
+                tmp_left.unlink()
+        except FileNotFoundError:
+            pass
     return Plan(out, header)
 
 
