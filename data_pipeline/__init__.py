@@ -23,12 +23,22 @@ Output directory (``OUT``)
     existing parts; shards are written under ``*.tmp-<pid>`` names, renamed, then the sidecar is
     written atomically.  A rerun skips finished chunks and redoes the others, so a run killed at any
     point and rerun yields exactly the samples of an uninterrupted run.
+``plan.json`` + ``plan.inputs-<sha>.jsonl``
+    The plan (:mod:`data_pipeline.plan`): every input of the corpus, numbered, one JSON line each,
+    and the byte offset of each chunk's first line, with the settings that produced it (the same
+    dict as ``run.json``).  Written once, atomically, by the first rank to start (the others wait
+    on ``plan.lock``); every rank and every rerun reads only its own chunks' lines from it instead
+    of scanning the corpus again.  A plan made with other settings is refused.  ``plan.json`` also
+    records the world size of the latest run, which ``--status`` uses by default.
 ``stats.json``
     Aggregated over all sidecars: ``inputs``, ``written``, ``skipped``, ``skipped_by_reason``,
     ``tokens`` (LM tokens per modality: frames times the ``lm_codebooks`` of the run's codec card),
     ``codes`` (stored codes per modality), ``audio_hours`` (per modality whose items have a
     duration), ``media`` (items per modality), ``bytes``, ``shards`` (list of
-    ``{"name", "samples", "bytes"}``), ``chunks_total``, ``chunks_done``, ``complete``.
+    ``{"name", "samples", "bytes"}``), ``chunks_total``, ``chunks_done``, ``complete``, ``timings``
+    (worker seconds per phase summed over chunks: ``read_s`` = media decode + resampling + filters,
+    ``encode_s``, ``write_s`` = code checks + sample building + tar writing, ``chunk_s``; each
+    sidecar holds its chunk's own ``timings``).
     ``inputs == written + skipped`` always.
 ``errors.jsonl``
     One line per skipped input: ``{"source", "corpus", "index", "key", "path", "reason", "detail",
@@ -50,9 +60,20 @@ the ``json`` object, one ``.npy`` member of ``[K, T]`` codes per media item) is 
 media entries record the run's codec (card name) for each item.  Keys are unique within a shard:
 an id repeated inside one chunk is skipped as ``duplicate_id``.
 
+Ranks and engines
+-----------------
+A rank comes from ``--rank/--world-size``, else ``RANK/WORLD_SIZE``, else a SLURM array task
+(``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``, times
+``SLURM_NTASKS`` plus ``SLURM_PROCID`` for multi-task elements), else ``SLURM_PROCID/SLURM_NTASKS``
+(:func:`data_pipeline.options.resolve_rank`).  ``--status`` prints done/pending chunks per rank and
+the pending ranks as an ``--array=`` expression (exit 3 while work is pending).  A rank's chunks
+run in-process, in ``--workers`` local processes, or with ``--engine ray`` on Ray actors
+(:mod:`data_pipeline.ray_engine`); the shards are the same bytes whichever runs them.
+
 Public API
 ----------
-``run_preprocess(options, codecs=None) -> stats`` (:mod:`data_pipeline.runner`),
+``run_preprocess(options, codecs=None) -> stats`` and ``run_status(out, world_size=None) -> exit code``
+(:mod:`data_pipeline.runner`), ``Plan`` (:mod:`data_pipeline.plan`),
 ``PreprocessOptions`` (:mod:`data_pipeline.options`), ``load_recipe(name_or_path)`` /
 ``list_recipes()`` (:mod:`data_pipeline.recipes`), ``iter_samples(paths)`` /
 ``list_shards(out_dir)`` (:mod:`data_pipeline.shards`, reading shards back without WebDataset),
@@ -68,6 +89,8 @@ FORMAT = 1
 
 _LAZY = {
     "run_preprocess": "data_pipeline.runner",
+    "run_status": "data_pipeline.runner",
+    "Plan": "data_pipeline.plan",
     "PreprocessOptions": "data_pipeline.options",
     "PreprocessError": "data_pipeline.options",
     "load_recipe": "data_pipeline.recipes",

@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Optional
 
 from anygpt import modalities as registry
-from data_pipeline.options import SOURCES, PreprocessOptions
+from data_pipeline.options import ENGINES, SOURCES, PreprocessError, PreprocessOptions
 
 
 def _positive_int(s: str) -> int:
@@ -39,9 +40,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="inputs per chunk; one chunk = one shard (the unit of resume); default 1000")
     p.add_argument("--shard-bytes", type=int, default=None,
                    help="also cap a shard's size in bytes: a larger chunk spills into PREFIX-NNNNNN-1.tar, ...")
-    p.add_argument("--rank", type=int, default=None, help="this process's rank (default: RANK or SLURM_PROCID, else 0)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="this process's rank (default: RANK, else a SLURM array task's index, else SLURM_PROCID, else 0)")
     p.add_argument("--world-size", type=int, default=None,
-                   help="number of ranks (default: WORLD_SIZE or SLURM_NTASKS, else 1)")
+                   help="number of ranks (default: WORLD_SIZE, else SLURM_ARRAY_TASK_COUNT, else SLURM_NTASKS, else 1); "
+                        "alone in a SLURM array task, the array ids are the ranks (resubmitting some ranks)")
+    p.add_argument("--status", action="store_true",
+                   help="do no work: print done/pending chunks per rank of --out and the pending ranks as an "
+                        "--array= expression; exit 0 when complete, 3 when work is pending")
+    p.add_argument("--engine", choices=ENGINES, default=None,
+                   help="local (processes on this machine, default) | ray (actors on a Ray cluster: pip install "
+                        "'anygpt-trainer[ray]')")
+    p.add_argument("--ray-address", default=None,
+                   help="with --engine ray: the cluster to join (default: RAY_ADDRESS, else a local Ray instance)")
+    p.add_argument("--ray-actor-cpus", type=float, default=None,
+                   help="with --engine ray: CPUs per actor (default 1; actors: one per GPU, else --workers)")
     p.add_argument("--prefix", default=None, help="shard name prefix (default: the recipe name, else 'shard')")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="media items per codec call (default 16)")
     p.add_argument("--device", default=None, help="auto (one GPU per worker if any) | cpu | cuda | cuda:N")
@@ -69,7 +82,8 @@ def add_preprocess_parser(sub: argparse._SubParsersAction) -> None:
         "preprocess", help="encode a raw corpus into WebDataset token shards (parallel, resumable)",
         description="Read a corpus, encode its media with the codecs and write WebDataset shards "
                     "OUT/PREFIX-NNNNNN.tar plus OUT/stats.json and OUT/errors.jsonl. Rerunning the same "
-                    "command resumes: finished shards are kept, unfinished ones redone.")
+                    "command resumes: finished shards are kept, unfinished ones redone; --status lists what is "
+                    "missing (exit 3) and which ranks to resubmit.")
     add_arguments(p)
     p.set_defaults(handler=run_cli)
 
@@ -85,7 +99,8 @@ def options_from_args(args: argparse.Namespace) -> PreprocessOptions:
               "workers": args.workers, "shard_size": args.shard_size, "shard_bytes": args.shard_bytes,
               "rank": args.rank, "world_size": args.world_size, "prefix": args.prefix,
               "batch_size": args.batch_size, "device": args.device, "modality": args.modality,
-              "limit": args.limit, "progress": args.progress}
+              "limit": args.limit, "progress": args.progress, "engine": args.engine,
+              "ray_address": args.ray_address, "ray_actor_cpus": args.ray_actor_cpus}
     opts = dataclasses.replace(opts, **{k: v for k, v in simple.items() if v is not None})
     if args.tiny:
         opts.tiny = True
@@ -114,7 +129,14 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.list_recipes:
         print_recipes()
         return 0
-    from data_pipeline.runner import run_preprocess
+    from data_pipeline.runner import run_preprocess, run_status
+
+    if args.status:
+        if not args.out:
+            raise PreprocessError("--status: give the run's --out")
+        if args.world_size is not None and args.world_size < 1:
+            raise PreprocessError(f"--world-size: must be >= 1, got {args.world_size}")
+        return run_status(Path(args.out), args.world_size)
 
     opts = options_from_args(args)
     stats = run_preprocess(opts)

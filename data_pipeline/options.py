@@ -15,7 +15,7 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 from anygpt import modalities as registry
 from anygpt.config import ConfigError, to_dict
@@ -23,10 +23,68 @@ from anygpt.modalities.plugin import CodecError
 
 SOURCES = ("manifest", "librispeech", "commonvoice", "wds-pairs", "anygpt-jsonl", "conversations")
 Source = Literal["manifest", "librispeech", "commonvoice", "wds-pairs", "anygpt-jsonl", "conversations"]
+ENGINES = ("local", "ray")
+Engine = Literal["local", "ray"]
 
 
 class PreprocessError(ConfigError):
     """A setting or input path that makes the run impossible (one line, raised before any work)."""
+
+
+def _env_int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise PreprocessError(f"{key}: not an integer ({env[key]!r})") from None
+
+
+def resolve_rank(rank: Optional[int], world_size: Optional[int], env: Mapping[str, str]) -> tuple[int, int, str]:
+    """``(rank, world_size, where_from)`` of a preprocessing process, first match wins.
+
+    1. ``--rank`` and ``--world-size`` (both, or neither).
+    2. torchrun's ``RANK`` / ``WORLD_SIZE``.
+    3. A SLURM array task: element ``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` (divided by
+       ``SLURM_ARRAY_TASK_STEP`` for ``--array=0-30:10``) of ``SLURM_ARRAY_TASK_COUNT``; an element
+       running several tasks (``srun`` with ``SLURM_NTASKS`` > 1) holds ranks
+       ``element * SLURM_NTASKS + SLURM_PROCID``.  In an array task every element sees
+       ``SLURM_PROCID=0, SLURM_NTASKS=1``, so without this every element would redo every chunk.
+       With ``--world-size W`` alone the array *ids* are the ranks (``element = SLURM_ARRAY_TASK_ID``):
+       that is how a resubmission of some ranks (``sbatch --array=1,3 ... --world-size 4``) keeps
+       the original world size.
+    4. ``SLURM_PROCID`` / ``SLURM_NTASKS`` (``srun -n N`` without an array).
+    5. ``0`` / ``1``.
+    """
+    array = "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env
+    if rank is None and world_size is not None and array:
+        ntasks = _env_int(env, "SLURM_NTASKS") if "SLURM_NTASKS" in env else 1
+        procid = _env_int(env, "SLURM_PROCID") if "SLURM_PROCID" in env else 0
+        rank, where = _env_int(env, "SLURM_ARRAY_TASK_ID") * ntasks + procid, "SLURM array id (--world-size given)"
+    elif rank is not None or world_size is not None:
+        if (rank is None) != (world_size is None):
+            raise PreprocessError("--rank and --world-size go together (or --world-size alone in a SLURM array task)")
+        where = "--rank/--world-size"
+    elif "RANK" in env and "WORLD_SIZE" in env:
+        rank, world_size, where = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE"), "RANK/WORLD_SIZE"
+    elif array:
+        task, count = _env_int(env, "SLURM_ARRAY_TASK_ID"), _env_int(env, "SLURM_ARRAY_TASK_COUNT")
+        low = _env_int(env, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
+        step = _env_int(env, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in env else 1
+        element, odd = divmod(task - low, max(1, step))
+        if odd or not 0 <= element < count:
+            raise PreprocessError(f"SLURM array task {task} is not element [0, {count}) of an array starting at {low} "
+                                  f"with step {step}; for an array of chosen ids pass --world-size (ids are then ranks)")
+        ntasks = _env_int(env, "SLURM_NTASKS") if "SLURM_NTASKS" in env else 1
+        procid = _env_int(env, "SLURM_PROCID") if "SLURM_PROCID" in env else 0
+        rank, world_size, where = element * ntasks + procid, count * ntasks, "SLURM array task"
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world_size, where = _env_int(env, "SLURM_PROCID"), _env_int(env, "SLURM_NTASKS"), "SLURM_PROCID/SLURM_NTASKS"
+    else:
+        rank, world_size, where = 0, 1, "default"
+    if world_size < 1:
+        raise PreprocessError(f"--world-size: must be >= 1, got {world_size} (from {where})")
+    if not 0 <= rank < world_size:
+        raise PreprocessError(f"--rank: {rank} is outside [0, {world_size}) (from {where})")
+    return rank, world_size, where
 
 
 @dataclass
@@ -150,7 +208,11 @@ class ReaderOptions:
 @dataclass
 class PreprocessOptions:
     """One preprocessing run (one rank).  ``codecs=None`` with ``tiny=True`` uses the tiny codecs;
-    ``codec_names`` (``--codec NAME``, with ``tiny`` only) picks a non-default codec of a modality."""
+    ``codec_names`` (``--codec NAME``, with ``tiny`` only) picks a non-default codec of a modality.
+
+    ``engine`` runs this rank's chunks in local processes (``workers``) or on a Ray cluster
+    (``ray``: ``ray_address``, else ``RAY_ADDRESS``, else a local Ray instance; one actor per GPU,
+    else ``workers`` actors of ``ray_actor_cpus`` CPUs each)."""
 
     source: Optional[str] = None
     input: Optional[str] = None
@@ -172,6 +234,9 @@ class PreprocessOptions:
     recipe: Optional[str] = None
     overwrite: bool = False
     progress: Optional[bool] = None
+    engine: Engine = "local"
+    ray_address: Optional[str] = None
+    ray_actor_cpus: float = 1.0
     fields: Fields = field(default_factory=Fields)
     filters: Filters = field(default_factory=Filters)
     text: TextOptions = field(default_factory=TextOptions)
@@ -179,23 +244,8 @@ class PreprocessOptions:
 
     # ------------------------------------------------------------------ validation
     def resolve_rank(self) -> tuple[int, int]:
-        """``--rank/--world-size``, else torchrun's ``RANK/WORLD_SIZE``, else SLURM's, else ``0/1``."""
-        rank, world = self.rank, self.world_size
-        env = os.environ
-        for r_key, w_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-            if rank is None and world is None and r_key in env and w_key in env:
-                try:
-                    rank, world = int(env[r_key]), int(env[w_key])
-                except ValueError:
-                    raise PreprocessError(f"{r_key}/{w_key}: not integers ({env[r_key]!r}, {env[w_key]!r})") from None
-        if (rank is None) != (world is None):
-            raise PreprocessError("--rank and --world-size go together")
-        rank = 0 if rank is None else rank
-        world = 1 if world is None else world
-        if world < 1:
-            raise PreprocessError(f"--world-size: must be >= 1, got {world}")
-        if not 0 <= rank < world:
-            raise PreprocessError(f"--rank: {rank} is outside [0, {world})")
+        """This process's ``(rank, world_size)`` (:func:`resolve_rank` on ``os.environ``)."""
+        rank, world, _ = resolve_rank(self.rank, self.world_size, os.environ)
         return rank, world
 
     def needs_codecs(self) -> bool:
@@ -258,6 +308,10 @@ class PreprocessOptions:
                                   f"(known: {', '.join(known)})")
         if not re.fullmatch(r"[A-Za-z0-9_]+", self.prefix or ""):
             raise PreprocessError(f"--prefix: {self.prefix!r} must match [A-Za-z0-9_]+ (no '-' or '.')")
+        if self.engine not in ENGINES:
+            raise PreprocessError(f"--engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if not self.ray_actor_cpus > 0:
+            raise PreprocessError(f"--ray-actor-cpus: must be > 0, got {self.ray_actor_cpus}")
         if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             raise PreprocessError(f"--device: {self.device!r} is not auto, cpu, cuda or cuda:N")
         f = self.filters
@@ -298,7 +352,7 @@ class PreprocessOptions:
     def fingerprint(self) -> dict[str, Any]:
         """Settings that determine the output; a rerun into the same OUT must match them.
 
-        Workers, rank, world size, device and progress are deliberately absent: they change who
+        Workers, rank, world size, device, progress and the engine are deliberately absent: they change who
         writes which shard, never what a shard holds.  ``codec_names`` are the run's codecs by
         modality, so a rerun with another codec (``--codec``) is refused.
         """

@@ -1,22 +1,28 @@
-"""The preprocessing driver: count, plan chunks, skip finished ones, run workers, aggregate.
+"""The preprocessing driver: plan once, skip finished chunks, run this rank's chunks, aggregate.
 
 Plan of a run (one rank):
 
-1. Validate settings and open the reader (errors here are one line, before any file is written).
-2. Pass 1 over the reader counts the inputs and notes which modalities they need; ``run.json``
-   pins the settings and the input count, so a rerun with other settings or a changed corpus is
-   refused instead of silently mixing two datasets.
-3. Inputs are cut into chunks of ``shard_size``; this rank owns chunks ``c % world_size == rank``.
-   Chunks with a valid sidecar are finished and skipped; leftovers of the others are deleted.
-4. Pass 2 streams the inputs again and hands each pending chunk to a worker (in-process for one
-   worker, else a pool of spawned processes, each with its own codecs and GPU if any), keeping only
-   a few chunks in flight so memory stays bounded whatever the corpus size.
+1. Validate settings and resolve this rank (errors here are one line, before any file is written).
+2. The plan (:mod:`data_pipeline.plan`): the first rank to start scans the corpus once (pass 1),
+   numbering the inputs and cutting them into chunks of ``shard_size``, and commits
+   ``plan.json``; every other rank, and every rerun, reads it instead of scanning.  ``run.json``
+   and the plan pin the settings, so a rerun with other settings is refused instead of silently
+   mixing two datasets.
+3. This rank owns chunks ``c % world_size == rank``.  Chunks with a valid sidecar are finished
+   and skipped; leftovers of the others are deleted.
+4. The pending chunks' inputs are read from the plan (one seek per chunk) and handed to the
+   engine: ``local`` (in-process for one worker, else a pool of spawned processes, each with its
+   own codecs and GPU if any, a few chunks in flight so memory stays bounded) or ``ray``
+   (:mod:`data_pipeline.ray_engine`: one actor per GPU or CPU slot around the same
+   :class:`~data_pipeline.worker.ChunkProcessor`).  Either way the shards are written by our
+   writer, so their names and bytes do not depend on the engine.
 5. ``stats.json``/``errors.jsonl`` are rebuilt from all sidecars in the directory.
+
+``--status`` (:func:`run_status`) reads the plan and the sidecars and does no work.
 """
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -26,12 +32,13 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from anygpt import modalities as registry
 from anygpt.modalities.cards import resolve_files
 from anygpt.modalities.plugin import CodecError
-from data_pipeline.options import PreprocessError, PreprocessOptions
+from data_pipeline.options import PreprocessError, PreprocessOptions, resolve_rank
+from data_pipeline.plan import Plan, obtain_plan, settings_mismatch
 from data_pipeline.readers import InputItem, build_reader
 from data_pipeline.shards import CHUNK_DIR, atomic_write_text, read_sidecar, remove_chunk_files
 from data_pipeline.stats import ERRORS_FILE, STATS_FILE, aggregate, summary_table, write_stats
@@ -50,37 +57,16 @@ def _limited(reader, limit: Optional[int]) -> Iterator[InputItem]:
         yield item
 
 
-def count_inputs(reader, limit: Optional[int] = None) -> tuple[int, dict[str, int]]:
-    """Pass 1: number of inputs and media items per modality."""
-    n = 0
-    modalities: dict[str, int] = {}
-    for item in _limited(reader, limit):
-        n += 1
-        for ref in item.media:
-            modalities[ref.modality] = modalities.get(ref.modality, 0) + 1
-    return n, modalities
-
-
 def owned_chunks(n_chunks: int, rank: int, world_size: int) -> list[int]:
     """Chunks written by ``rank``: round-robin, so every chunk has exactly one owner."""
     return list(range(rank, n_chunks, world_size))
 
 
-def iter_chunks(reader, shard_size: int, limit: Optional[int] = None) -> Iterator[tuple[int, int, list[InputItem]]]:
-    """``(chunk, first_input_index, items)`` for consecutive groups of ``shard_size`` inputs."""
-    buf: list[InputItem] = []
-    chunk = 0
-    for item in _limited(reader, limit):
-        buf.append(item)
-        if len(buf) == shard_size:
-            yield chunk, chunk * shard_size, buf
-            buf, chunk = [], chunk + 1
-    if buf:
-        yield chunk, chunk * shard_size, buf
-
-
 def clear_outputs(out: Path, prefix: str) -> None:
-    """``--overwrite``: remove what a previous run wrote (only files with our names)."""
+    """``--overwrite``: remove what a previous run wrote (only files with our names).
+
+    The plan is not removed here: ``--overwrite`` has just replaced it by a fresh scan.
+    """
     for p in out.glob(f"{prefix}-*.tar*"):
         p.unlink()
     shutil.rmtree(out / CHUNK_DIR, ignore_errors=True)
@@ -89,24 +75,24 @@ def clear_outputs(out: Path, prefix: str) -> None:
             (out / name).unlink()
 
 
-def _check_run_file(out: Path, opts: PreprocessOptions, inputs_total: int) -> None:
-    """Refuse to resume into ``out`` when it was started with other settings or another input."""
-    path = out / RUN_FILE
-    if not path.exists():
-        return
+def _read_run_file(out: Path) -> Optional[dict]:
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        return  # unreadable: rewritten below (it is only written by this code, atomically)
-    settings, before = opts.fingerprint(), old.get("settings", {})
-    diff = [k for k in sorted(set(settings) | set(before)) if settings.get(k) != before.get(k)]
-    if diff:
-        k = diff[0]
-        raise PreprocessError(f"{out} holds a run with other settings ({k}: {before.get(k)!r} there, "
-                              f"{settings.get(k)!r} now); use another --out or --overwrite")
-    if old.get("inputs_total") != inputs_total:
+        return None  # absent or unreadable: (re)written below (only this code writes it, atomically)
+
+
+def _check_run_file(out: Path, opts: PreprocessOptions, inputs_total: Optional[int] = None) -> None:
+    """Refuse to resume into ``out`` when it was started with other settings (or another input)."""
+    old = _read_run_file(out)
+    if old is None:
+        return
+    msg = settings_mismatch(out, RUN_FILE, old.get("settings", {}), opts)
+    if msg:
+        raise PreprocessError(msg)
+    if inputs_total is not None and old.get("inputs_total") != inputs_total:
         raise PreprocessError(f"the input changed since {out} was started ({old.get('inputs_total')} inputs "
-                              f"then, {inputs_total} now); use another --out or --overwrite")
+                              f"then, {inputs_total} in its plan now); use another --out or --overwrite")
 
 
 def _write_run_file(out: Path, opts: PreprocessOptions, inputs_total: int, chunks_total: int) -> None:
@@ -152,6 +138,11 @@ def _pick_device(opts: PreprocessOptions, worker_id: int, workers: int) -> str:
 _WORKER: dict[str, Any] = {}
 
 
+def chunk_summary(rec: dict) -> dict[str, int]:
+    """What an engine reports back to the driver for a committed chunk (errors stay in the sidecar)."""
+    return {k: rec.get(k, 0) for k in ("chunk", "inputs", "written", "skipped")}
+
+
 def _init_worker(opts: PreprocessOptions, counter, progress_queue, workers: int) -> None:
     import torch
 
@@ -161,17 +152,23 @@ def _init_worker(opts: PreprocessOptions, counter, progress_queue, workers: int)
         wid = counter.value
         counter.value += 1
     # Share the machine's cores between the workers instead of oversubscribing them.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    torch.set_num_threads(max(1, _cpus() // workers))
     _WORKER["proc"] = ChunkProcessor(opts, device=_pick_device(opts, wid, workers))
+    _WORKER["plan"] = Plan.load(opts.out)
     _WORKER["queue"] = progress_queue
 
 
-def _run_chunk(chunk: int, first: int, items: list[InputItem]) -> dict:
+def _run_chunk(chunk: int) -> dict:
     q = _WORKER["queue"]
-    rec = _WORKER["proc"].process_chunk(chunk, first, items, progress=lambda n, w: q.put((n, w)))
-    rec = dict(rec)
-    rec.pop("errors", None)  # the parent only needs counts; errors live in the sidecar
-    return rec
+    first, items = _WORKER["plan"].chunk_items(chunk)  # each worker reads its chunk's inputs itself
+    return chunk_summary(_WORKER["proc"].process_chunk(chunk, first, items, progress=lambda n, w: q.put((n, w))))
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 # ------------------------------------------------------------------------------ the run
@@ -180,32 +177,43 @@ def run_preprocess(opts: PreprocessOptions, codecs: Optional[dict] = None, verbo
 
     Args:
         opts: run settings (validated here; :class:`PreprocessError` before any work on a bad one).
-        codecs: already-built codecs by modality, used when running in-process (``workers == 1``);
-            missing ones are loaded from ``opts.codecs`` / tiny.
+        codecs: already-built codecs by modality, used when running in-process (``workers == 1``,
+            local engine); missing ones are loaded from ``opts.codecs`` / tiny.  Worker processes
+            and Ray actors always build their own from ``opts.codecs`` (save a codec with
+            ``codec.save(DIR/<modality>)`` to give them a custom one).
         verbose: log the plan line and the summary table (to stderr).
     """
     log = _log if verbose else (lambda msg: None)
     t_start = time.time()
     opts.validate()
-    rank, world = opts.resolve_rank()
+    rank, world, where = resolve_rank(opts.rank, opts.world_size, os.environ)
     if opts.overwrite and world > 1:
         raise PreprocessError("--overwrite with several ranks would let them delete each other's shards; "
                               "clear OUT once before launching the ranks")
-    reader = build_reader(opts)
-    out = Path(opts.out)
+    if opts.engine == "ray":
+        from data_pipeline.ray_engine import import_ray
 
-    # Pass 1: count (and learn which codecs are needed); every check below still writes nothing.
-    inputs_total, modalities = count_inputs(reader, opts.limit)
-    n_chunks = math.ceil(inputs_total / opts.shard_size)
+        import_ray()  # a missing extra fails here, before any file is written
+    out = Path(opts.out)
+    if not opts.overwrite:
+        _check_run_file(out, opts)
+
+    def needed_codecs(modalities: dict[str, int]) -> list[str]:
+        return [m for m in sorted(modalities) if not (codecs and m in codecs)]
+
+    # Pass 1 happens once per output directory (the plan); every check in `check` still runs before
+    # a new plan is committed, and a run that fails there leaves no OUT behind.
+    plan, _ = obtain_plan(out, opts, world, lambda: _limited(build_reader(opts), opts.limit),
+                          lambda mods: _preflight_codecs(opts, needed_codecs(mods), mods), log)
+    inputs_total, n_chunks = plan.inputs_total, plan.chunks_total
     if not opts.overwrite:
         _check_run_file(out, opts, inputs_total)
-    needed = [m for m in sorted(modalities) if not (codecs and m in codecs)]
-    _preflight_codecs(opts, needed, modalities)
+    needed = needed_codecs(plan.modalities)
 
     mine = owned_chunks(n_chunks, rank, world)
     done = set() if opts.overwrite else {c for c in mine if read_sidecar(out, opts.prefix, c) is not None}
     pending = [c for c in mine if c not in done]
-    in_process = opts.workers <= 1 or len(pending) <= 1
+    in_process = opts.engine == "local" and (opts.workers <= 1 or len(pending) <= 1)
     proc = None
     if in_process and pending:
         from data_pipeline.worker import ChunkProcessor
@@ -214,36 +222,38 @@ def run_preprocess(opts: PreprocessOptions, codecs: Optional[dict] = None, verbo
         for m in needed:  # a checkpoint that does not load fails now, not after the first shard
             proc.codec(m)
 
-    # From here on the output directory is written.
-    out.mkdir(parents=True, exist_ok=True)
+    # From here on the output directory is written (beyond the plan).
     if opts.overwrite:
         clear_outputs(out, opts.prefix)
     _write_run_file(out, opts, inputs_total, n_chunks)
     for c in pending:
         remove_chunk_files(out, opts.prefix, c)
-    pending_set = set(pending)
-    pending_inputs = sum(min(opts.shard_size, inputs_total - c * opts.shard_size) for c in pending)
-    log(f"[rank {rank}/{world}] {opts.source}: {inputs_total} inputs, {n_chunks} chunks of {opts.shard_size}; "
-        f"this rank: {len(mine)} chunks, {len(done)} already done, {len(pending)} to do ({pending_inputs} inputs), "
-        f"{opts.workers if not in_process else 1} worker(s)")
+    pending_inputs = sum(plan.chunk_inputs(c) for c in pending)
+    how = "engine ray" if opts.engine == "ray" else f"{1 if in_process else opts.workers} worker(s)"
+    log(f"[rank {rank}/{world}, from {where}] {opts.source}: {inputs_total} inputs, {n_chunks} chunks of "
+        f"{opts.shard_size}; this rank: {len(mine)} chunks, {len(done)} already done, {len(pending)} to do "
+        f"({pending_inputs} inputs), {how}")
 
-    tasks = ((c, first, items) for c, first, items in iter_chunks(reader, opts.shard_size, opts.limit)
-             if c in pending_set)
     bar = _progress_bar(opts, pending_inputs, rank)
     written_here = 0
     t_work = time.time()
+
+    def tick(n: int, w: int) -> None:
+        nonlocal written_here
+        written_here += w
+        bar.update(n)
+        bar.set_postfix(written=written_here, refresh=False)
+
     try:
         if proc is not None:
-            def tick(n: int, w: int) -> None:
-                nonlocal written_here
-                written_here += w
-                bar.update(n)
-                bar.set_postfix(written=written_here, refresh=False)
-
-            for c, first, items in tasks:
+            for c, first, items in plan.iter_chunks(pending):
                 proc.process_chunk(c, first, items, progress=tick)
+        elif pending and opts.engine == "ray":
+            from data_pipeline.ray_engine import run_ray
+
+            run_ray(opts, pending, needed, on_chunk=lambda r: tick(r["inputs"], r["written"]), log=log)
         elif pending:
-            written_here = _run_pool(opts, tasks, bar)
+            written_here = _run_pool(opts, pending, bar)
     finally:
         bar.close()
     elapsed_work = time.time() - t_work
@@ -269,7 +279,7 @@ def _progress_bar(opts: PreprocessOptions, total: int, rank: int):
                 mininterval=0.5 if tty else 30.0, smoothing=0.1)
 
 
-def _run_pool(opts: PreprocessOptions, tasks: Iterator, bar) -> int:
+def _run_pool(opts: PreprocessOptions, chunks: list[int], bar) -> int:
     ctx = mp.get_context("spawn")  # fork after torch/OpenMP initialisation can deadlock
     counter = ctx.Value("i", 0)
     progress_q = ctx.Queue()
@@ -300,9 +310,9 @@ def _run_pool(opts: PreprocessOptions, tasks: Iterator, bar) -> int:
                 for fut in finished:
                     written += fut.result()["written"]  # re-raises a worker's failure here
 
-        for task in tasks:
+        for chunk in chunks:
             collect(max_in_flight - 1)
-            in_flight.add(ex.submit(_run_chunk, *task))
+            in_flight.add(ex.submit(_run_chunk, chunk))
         collect(0)
         time.sleep(0.05)
         drain()
@@ -316,4 +326,64 @@ def _run_pool(opts: PreprocessOptions, tasks: Iterator, bar) -> int:
     return written
 
 
-__all__ = ["run_preprocess", "count_inputs", "owned_chunks", "iter_chunks", "clear_outputs", "RUN_FILE"]
+# ------------------------------------------------------------------------------ --status
+def compress_ranks(ranks: list[int]) -> str:
+    """``[0, 1, 2, 3, 7, 9, 10]`` -> ``"0-3,7,9-10"`` (a SLURM ``--array=`` expression)."""
+    parts: list[str] = []
+    rs = sorted(set(ranks))
+    i = 0
+    while i < len(rs):
+        j = i
+        while j + 1 < len(rs) and rs[j + 1] == rs[j] + 1:
+            j += 1
+        parts.append(str(rs[i]) if i == j else f"{rs[i]}-{rs[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def _chunk_list(chunks: list[int], limit: int = 8) -> str:
+    shown = ", ".join(str(c) for c in chunks[:limit])
+    return shown + (f", ... ({len(chunks) - limit} more)" if len(chunks) > limit else "")
+
+
+def run_status(out: Path, world_size: Optional[int] = None, print_fn: Callable[[str], None] = print) -> int:
+    """``--status``: done/pending chunks per rank and the ranks to resubmit; no work is done.
+
+    The world size is ``world_size``, else the one recorded in the plan by the latest run.
+    Returns the exit code: 0 when every chunk is finished, 3 when work is pending (also when no
+    rank has started yet).
+    """
+    out = Path(out)
+    plan = Plan.load(out)
+    if plan is None:
+        print_fn(f"{out}: no plan yet (no rank has started): everything is pending")
+        if world_size:
+            print_fn(f"pending ranks: --array={compress_ranks(list(range(world_size)))}")
+        return 3
+    world = world_size or plan.world_size or 1
+    prefix = plan.prefix
+    stats, _ = aggregate(out, prefix, plan.chunks_total, plan.inputs_total)
+    finished = {c for c in range(plan.chunks_total) if read_sidecar(out, prefix, c) is not None}
+    src = "given" if world_size else "from the plan"
+    print_fn(f"{out}: {plan.inputs_total} inputs in {plan.chunks_total} chunks of {plan.shard_size}; "
+             f"world size {world} ({src})")
+    print_fn(f"{'rank':>6}  {'done':>6}  {'pending':>7}  pending chunks")
+    pending_ranks = []
+    for r in range(world):
+        mine = owned_chunks(plan.chunks_total, r, world)
+        todo = [c for c in mine if c not in finished]
+        if todo:
+            pending_ranks.append(r)
+        print_fn(f"{r:>6}  {len(mine) - len(todo):>6}  {len(todo):>7}  {_chunk_list(todo)}")
+    print_fn(f"chunks: {len(finished)}/{plan.chunks_total} done; samples: {stats['written']} written, "
+             f"{stats['skipped']} skipped so far ({stats['inputs']}/{plan.inputs_total} inputs)")
+    if not pending_ranks:
+        print_fn("complete: nothing to resubmit")
+        return 0
+    print_fn(f"pending ranks: --array={compress_ranks(pending_ranks)}  (resubmit those array ids with "
+             f"--world-size {world}: ids are then ranks)")
+    return 3
+
+
+__all__ = ["run_preprocess", "run_status", "compress_ranks", "owned_chunks", "clear_outputs", "chunk_summary",
+           "RUN_FILE"]

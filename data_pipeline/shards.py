@@ -13,7 +13,9 @@ import io
 import json
 import os
 import re
+import socket
 import tarfile
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
@@ -39,7 +41,8 @@ def atomic_write_text(path: Union[str, Path], text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file + ``os.replace`` (readers never see half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    # Unique per writer (host, process, thread): ranks on several nodes may write the same file.
+    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()

@@ -23,10 +23,14 @@ def aggregate(out_dir: Union[str, Path], prefix: Optional[str] = None, chunks_to
     recs = list_sidecars(out_dir, prefix)
     c: dict[str, Counter] = {k: Counter() for k in ("skipped_by_reason", "tokens", "codes", "media", "audio_seconds")}
     totals = Counter()
+    spent: Counter = Counter()
     shards, errors = [], []
     for r in recs:
         for k in ("inputs", "written", "skipped", "bytes"):
             totals[k] += r.get(k, 0)
+        t = r.get("timings", {})
+        spent.update({k: t[k] for k in ("read_s", "encode_s", "write_s") if k in t})
+        spent["chunk_s"] += r.get("elapsed_s", 0.0)
         for k in c:
             c[k].update(r.get(k, {}))
         shards += [{"name": p["name"], "samples": p["samples"], "bytes": p["bytes"]} for p in r.get("parts", [])]
@@ -46,6 +50,8 @@ def aggregate(out_dir: Union[str, Path], prefix: Optional[str] = None, chunks_to
         "chunks_total": chunks_total,
         "inputs_total": inputs_total,
         "complete": chunks_total is not None and len(recs) == chunks_total,
+        # Worker seconds by phase, summed over chunks (see ChunkProcessor.process_chunk).
+        "timings": {k: round(spent[k], 3) for k in ("read_s", "encode_s", "write_s", "chunk_s")},
     }
     return stats, errors
 

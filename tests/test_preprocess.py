@@ -23,7 +23,7 @@ import pytest
 
 from data_pipeline import synthetic as S
 from data_pipeline.options import PreprocessError, PreprocessOptions
-from data_pipeline.runner import iter_chunks, owned_chunks, run_preprocess
+from data_pipeline.runner import owned_chunks, run_preprocess
 from data_pipeline.shards import iter_samples, list_shards, sidecar_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -297,11 +297,17 @@ def test_duplicate_ids_within_a_chunk(tmp_path, codecs):
 
 
 # ---------------------------------------------------------------------- sharding, ranks, resume
-def test_chunking_and_rank_ownership_are_a_partition():
-    items = list(range(23))
-    chunks = list(iter_chunks(items, 5))
+def test_plan_chunking_and_rank_ownership_are_a_partition(tmp_path):
+    from data_pipeline.plan import write_plan
+    from data_pipeline.readers import InputItem
+
+    items = [InputItem(f"id{i}", "pair", f"row {i}", text=f"text {i}") for i in range(23)]
+    opts = PreprocessOptions(source="manifest", input=str(tmp_path), out=str(tmp_path), tiny=True, shard_size=5)
+    plan = write_plan(tmp_path, opts, items, world=1)
+    chunks = list(plan.iter_chunks(range(plan.chunks_total)))
     assert [c for c, _, _ in chunks] == [0, 1, 2, 3, 4] and [f for _, f, _ in chunks] == [0, 5, 10, 15, 20]
     assert [x for _, _, its in chunks for x in its] == items
+    assert [plan.chunk_inputs(c) for c in range(5)] == [5, 5, 5, 5, 3]
     for world in (1, 2, 3, 7):
         owned = [c for r in range(world) for c in owned_chunks(5, r, world)]
         assert sorted(owned) == list(range(5))
@@ -517,13 +523,3 @@ def test_codecs_directory_matches_tiny_and_is_checked_before_work(tmp_path, code
     rc, err = _cli(["--source", "manifest", "--input", str(manifest), "--out", str(out), "--codecs", str(cdir)])
     assert rc == 1 and err.count("\n") == 1 and "--codecs: speech:" in err, err
     assert not out.exists()
-
-
-@pytest.mark.slow
-def test_bench_data_reports_the_worker_ratio(capsys):
-    from data_pipeline.bench import bench_data
-
-    r = bench_data(workers=2, n=6, seconds=0.3, shard_size=1)
-    assert [x["workers"] for x in r["runs"]] == [1, 2] and all(x["samples"] == 6 for x in r["runs"])
-    assert r["ratio"] == pytest.approx(r["runs"][1]["samples_per_s"] / r["runs"][0]["samples_per_s"])
-    assert "ratio 2 workers / 1 worker" in capsys.readouterr().out
