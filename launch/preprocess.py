@@ -4,7 +4,9 @@
 Examples:
     python launch/preprocess.py --recipe laion_coco --input /data/laion-coco-wds --out /data/shards/laion_coco --codecs codecs/
     srun -n 8 python launch/preprocess.py --recipe mls --input /data/mls_english --out /data/shards/mls --codecs codecs/
-    (ranks come from SLURM_PROCID/SLURM_NTASKS or RANK/WORLD_SIZE; rerun the same command to resume)
+    sbatch --array=0-15 launch/slurm_preprocess.sh ...   (one rank per array task; see that script)
+    (ranks: --rank/--world-size, else RANK/WORLD_SIZE, else the SLURM array task, else SLURM_PROCID/SLURM_NTASKS;
+     rerun the same command to resume; add --status to list what is pending as an --array= expression)
 """
 import sys
 
