@@ -118,4 +118,86 @@ class Codec(torch.nn.Module, abc.ABC):
         return torch.device("cpu")
 
 
-__all__ = ["Codec", "CodecError"]
+class AudioCodec(Codec):
+    """What waveform codecs share, around three tensor methods a subclass implements:
+    ``encode_batch(wav [B, 1, L]) -> codes [B, K, T]``, ``decode_batch(codes [B, K', T]) -> wav
+    [B, 1, T * hop_length]`` and ``embeddings(wav [B, 1, L]) -> [B, D, T]`` (what the first codebook
+    quantises; ``fit_vectors`` reads it).
+
+    Frames: ``T = ceil(samples / hop_length)``.  Batching: with ``pad_batches`` every item of a batch
+    runs in one zero-padded pass (faster; the codes near a shorter item's end may then depend on its
+    neighbours); otherwise only items of equal length share a pass, so an item's codes are the codes it
+    gets alone (bidirectional LSTMs would see the padding).  ``decodes_prefixes``: ``decode`` accepts
+    any number of leading codebooks (RVQ speech codecs render from layer 1 alone), else exactly all.
+    """
+
+    hop_length: int
+    pad_batches: bool = False
+    use_half: bool = False
+    decodes_prefixes: ClassVar[bool] = True
+
+    def num_frames(self, num_samples: int) -> int:
+        return -(-int(num_samples) // self.hop_length)
+
+    def _autocast(self):
+        """fp16 autocast of the conv/LSTM stacks on CUDA when ``use_half`` (quantiser distances stay fp32)."""
+        enabled = self.use_half and self.device.type == "cuda"
+        return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=enabled)
+
+    def passes(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Indices of a batch grouped into forward passes (see the class docstring)."""
+        from anygpt.modalities.media import group_by_length
+
+        return group_by_length(lengths, self.pad_batches)
+
+    def encode(self, items: Sequence[Any]) -> list[np.ndarray]:
+        """1-D float waveforms at ``sample_rate`` (or audio file paths) -> ``[K, T]`` int64 arrays."""
+        from anygpt.modalities.media import coerce_audio, padded_batch
+
+        wavs = [coerce_audio(w, self.sample_rate, f"{self.modality} item {i}") for i, w in enumerate(items)]
+        out: list[np.ndarray | None] = [None] * len(wavs)
+        for group in self.passes([len(w) for w in wavs]):
+            codes = self.encode_batch(padded_batch(wavs, group)).cpu()
+            for row, i in enumerate(group):
+                out[i] = codes[row, :, : self.num_frames(len(wavs[i]))].numpy().astype(np.int64)
+        return out  # type: ignore[return-value]
+
+    def decode(self, codes: Sequence[np.ndarray], **options: Any) -> list[np.ndarray]:
+        """``[K, T]`` arrays -> 1-D float32 waveforms of ``T * hop_length`` samples."""
+        arrs = []
+        want = f"K<={self.num_codebooks}" if self.decodes_prefixes else str(self.num_codebooks)
+        for i, c in enumerate(codes):
+            a = np.asarray(c)
+            a = a[None] if a.ndim == 1 and self.decodes_prefixes else a
+            ok = a.ndim == 2 and (1 <= a.shape[0] <= self.num_codebooks if self.decodes_prefixes
+                                  else a.shape[0] == self.num_codebooks)
+            if not ok:
+                raise CodecError(f"{self.modality} codes item {i}: expected [{want}, T], got {a.shape}")
+            arrs.append(a.astype(np.int64))
+        out: list[np.ndarray | None] = [None] * len(arrs)
+        groups: dict[tuple, list[int]] = {}
+        for i, a in enumerate(arrs):
+            groups.setdefault(a.shape, []).append(i)
+        for group in groups.values():
+            wav = self.decode_batch(torch.from_numpy(np.stack([arrs[i] for i in group]))).cpu()
+            for row, i in enumerate(group):
+                out[i] = wav[row, 0].numpy().astype(np.float32)
+        return out  # type: ignore[return-value]
+
+    def fit_vectors(self, items: Sequence[Any]) -> torch.Tensor:
+        """Encoder output frames ``[N, D]`` of the items (what the first codebook quantises)."""
+        from anygpt.modalities.media import coerce_audio
+
+        rows = []
+        for i, item in enumerate(items):
+            wav = torch.from_numpy(coerce_audio(item, self.sample_rate, f"{self.modality} item {i}"))[None, None]
+            rows.append(self.embeddings(wav)[0, :, : self.num_frames(wav.shape[-1])].t().cpu())
+        return torch.cat(rows).float()
+
+    def _check_range(self, codes: torch.Tensor) -> None:
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise CodecError(f"{self.modality} codes must lie in [0, {self.codebook_size}); got "
+                             f"[{int(codes.min())}, {int(codes.max())}]")
+
+
+__all__ = ["Codec", "AudioCodec", "CodecError"]

@@ -12,18 +12,16 @@ get at the encoder output that ``fit`` needs.
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from anygpt.model import quiet_transformers
-from anygpt.modalities.base import Codec, CodecError
+from anygpt.modalities.base import AudioCodec, CodecError
 from anygpt.modalities.cards import card_label, check_codec_matches, dir_card, named_card, resolve_files, write_card
-from anygpt.modalities.media import coerce_audio, group_by_length, padded_batch
 
 # facebook/encodec_32khz config.json (model part).
 OFFICIAL_CONFIG: dict[str, Any] = {
@@ -58,7 +56,7 @@ TINY_CONFIG: dict[str, Any] = {**OFFICIAL_CONFIG, "num_filters": 8, "hidden_size
                                "num_lstm_layers": 1}
 
 
-class EncodecMusicCodec(Codec):
+class EncodecMusicCodec(AudioCodec):
     """Encodec 32 kHz as a codec: 1-D 32 kHz waveforms <-> ``[4, T]`` code arrays (T = ceil(len/640)).
 
     Args:
@@ -70,6 +68,7 @@ class EncodecMusicCodec(Codec):
     """
 
     card_name = "encodec_32khz"
+    decodes_prefixes = False  # the 32 kHz model's decoder wants all 4 codebooks
 
     def __init__(self, model: Any, card: dict[str, Any] | None = None, chunk_seconds: float = 20.0,
                  pad_batches: bool = False, use_half: bool = False) -> None:
@@ -160,13 +159,6 @@ class EncodecMusicCodec(Codec):
 
     # ---- tensors --------------------------------------------------------------------------------
 
-    def _autocast(self):
-        enabled = self.use_half and self.device.type == "cuda"
-        return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=enabled)
-
-    def num_frames(self, num_samples: int) -> int:
-        return math.ceil(num_samples / self.hop_length)
-
     @torch.inference_mode()
     def embeddings(self, wav: torch.Tensor) -> torch.Tensor:
         """Encoder output ``[B, D, T]`` for ``wav [B, 1, L]`` (chunked; what the RVQ quantises)."""
@@ -190,9 +182,7 @@ class EncodecMusicCodec(Codec):
     def decode_tensor(self, codes: torch.Tensor) -> torch.Tensor:
         """codes ``[B, K, T]`` -> waveform ``[B, 1, T*640]`` (decoded chunk by chunk)."""
         codes = codes.to(self.device, torch.long)
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise CodecError(f"music codes must lie in [0, {self.codebook_size}); got "
-                             f"[{int(codes.min())}, {int(codes.max())}]")
+        self._check_range(codes)
         step = self.chunk_samples // self.hop_length
         outs = []
         for start in range(0, codes.shape[-1], step):
@@ -201,45 +191,11 @@ class EncodecMusicCodec(Codec):
                 outs.append(self.model.decoder(emb).float())
         return torch.cat(outs, dim=-1)
 
-    # ---- codec contract -------------------------------------------------------------------------
-
-    def encode(self, items: Sequence[Any]) -> list[np.ndarray]:
-        """1-D float waveforms at 32 kHz (or audio file paths) -> ``[4, T]`` int64 arrays (T = ceil(len / 640))."""
-        wavs = [coerce_audio(w, self.sample_rate, f"music item {i}") for i, w in enumerate(items)]
-        out: list[np.ndarray | None] = [None] * len(wavs)
-        for group in group_by_length([len(w) for w in wavs], self.pad_batches):
-            codes = self.encode_tensor(padded_batch(wavs, group)).cpu()
-            for row, i in enumerate(group):
-                out[i] = codes[row, :, : self.num_frames(len(wavs[i]))].numpy().astype(np.int64)
-        return out  # type: ignore[return-value]
-
-    def decode(self, codes: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """``[4, T]`` arrays -> 1-D float32 waveforms of ``T * 640`` samples at 32 kHz."""
-        arrs = []
-        for i, c in enumerate(codes):
-            a = np.asarray(c)
-            if a.ndim != 2 or a.shape[0] != self.num_codebooks:
-                raise CodecError(f"music codes item {i}: expected [{self.num_codebooks}, T], got {a.shape}")
-            arrs.append(a.astype(np.int64))
-        out: list[np.ndarray | None] = [None] * len(arrs)
-        groups: dict[tuple, list[int]] = {}
-        for i, a in enumerate(arrs):
-            groups.setdefault(a.shape, []).append(i)
-        for group in groups.values():
-            wav = self.decode_tensor(torch.from_numpy(np.stack([arrs[i] for i in group]))).cpu()
-            for row, i in enumerate(group):
-                out[i] = wav[row, 0].numpy().astype(np.float32)
-        return out  # type: ignore[return-value]
+    # The contract's batch methods are the tensor methods themselves (already batch-first).
+    encode_batch = encode_tensor
+    decode_batch = decode_tensor
 
     # ---- fitting hooks ----------------------------------------------------------------------------
-
-    def fit_vectors(self, items: Sequence[Any]) -> torch.Tensor:
-        """Encoder output frames ``[N, codebook_dim]`` of 32 kHz waveforms (what codebook 1 quantises)."""
-        rows = []
-        for i, item in enumerate(items):
-            wav = torch.from_numpy(coerce_audio(item, self.sample_rate, f"music item {i}"))[None, None]
-            rows.append(self.embeddings(wav)[0, :, : self.num_frames(wav.shape[-1])].t().cpu())
-        return torch.cat(rows).float()
 
     def codebooks(self) -> list[Any]:
         """The RVQ codebooks in use (``EncodecEuclideanCodebook``: ``embed``/``embed_avg``/... buffers)."""

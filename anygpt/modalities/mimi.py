@@ -23,19 +23,17 @@ flat key layout is renamed on load), so we wrap it, like Encodec.  What this mod
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from anygpt.model import quiet_transformers
-from anygpt.modalities.base import Codec, CodecError
+from anygpt.modalities.base import AudioCodec, CodecError
 from anygpt.modalities.cards import (card_label, check_codec_matches, dir_card, named_card, report_unused,
                                      resolve_files, write_card)
-from anygpt.modalities.media import coerce_audio, group_by_length, padded_batch
+from anygpt.modalities.media import coerce_audio
 
 # kyutai/mimi config.json (model part).  Written out rather than taken from MimiConfig's defaults so a
 # transformers release that moves a default cannot change the architecture we benchmark.
@@ -124,7 +122,7 @@ def _drop_codebook_caches(model: torch.nn.Module) -> None:
             m._embed = None
 
 
-class MimiCodec(Codec):
+class MimiCodec(AudioCodec):
     """Mimi as a codec: 1-D 24 kHz waveforms <-> ``[K, T]`` code arrays (K = the card's ``num_codebooks``,
     T = ``ceil(len / 1920)``); row 0 is the semantic codebook the LM sees, rows 1..K-1 the acoustic
     ones the SoundStorm-style decoder predicts.
@@ -243,13 +241,6 @@ class MimiCodec(Codec):
 
     # ---- tensors --------------------------------------------------------------------------------
 
-    def _autocast(self):
-        enabled = self.use_half and self.device.type == "cuda"
-        return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=enabled)
-
-    def num_frames(self, num_samples: int) -> int:
-        return math.ceil(num_samples / self.hop_length)
-
     @torch.no_grad()
     def latents(self, wav: torch.Tensor) -> torch.Tensor:
         """Encoder output ``[B, hidden_size, ceil(L/1920)]`` for ``wav [B, 1, L]`` (what both RVQs read)."""
@@ -268,45 +259,18 @@ class MimiCodec(Codec):
     def decode_tensor(self, codes: torch.Tensor) -> torch.Tensor:
         """codes ``[B, K, T]`` (K leading codebooks, 1..num_codebooks) -> waveform ``[B, 1, T*1920]``."""
         codes = codes.to(self.device, torch.long)
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise CodecError(f"speech codes must lie in [0, {self.codebook_size}); got "
-                             f"[{int(codes.min())}, {int(codes.max())}]")
+        self._check_range(codes)
         with self._autocast():
             return self.model.decode(codes).audio_values.float()
 
-    # ---- codec contract -------------------------------------------------------------------------
+    # ---- codec contract (AudioCodec's encode/decode around these) ------------------------------
 
-    def encode(self, items: Sequence[Any]) -> list[np.ndarray]:
-        """1-D float waveforms at 24 kHz (or audio file paths) -> ``[K, T]`` int64 arrays (T = ceil(len / 1920))."""
-        wavs = [coerce_audio(w, self.sample_rate, f"speech item {i}") for i, w in enumerate(items)]
-        out: list[np.ndarray | None] = [None] * len(wavs)
-        groups = group_by_length([len(w) for w in wavs], True) if self.pad_batches else [[i] for i in range(len(wavs))]
-        for group in groups:
-            codes = self.encode_tensor(padded_batch(wavs, group)).cpu()
-            for row, i in enumerate(group):
-                out[i] = codes[row, :, : self.num_frames(len(wavs[i]))].numpy().astype(np.int64)
-        return out  # type: ignore[return-value]
+    encode_batch = encode_tensor
+    decode_batch = decode_tensor
 
-    def decode(self, codes: Sequence[np.ndarray], **options: Any) -> list[np.ndarray]:
-        """``[K, T]`` arrays (K leading codebooks, 1..num_codebooks) -> 1-D float32 waveforms of ``T * 1920``
-        samples at 24 kHz."""
-        arrs = []
-        for i, c in enumerate(codes):
-            a = np.asarray(c)
-            if a.ndim == 1:
-                a = a[None]
-            if a.ndim != 2 or not 1 <= a.shape[0] <= self.num_codebooks:
-                raise CodecError(f"speech codes item {i}: expected [K<={self.num_codebooks}, T], got {a.shape}")
-            arrs.append(a.astype(np.int64))
-        out: list[np.ndarray | None] = [None] * len(arrs)
-        groups: dict[tuple, list[int]] = {}
-        for i, a in enumerate(arrs):
-            groups.setdefault(a.shape, []).append(i)
-        for group in groups.values():
-            wav = self.decode_tensor(torch.from_numpy(np.stack([arrs[i] for i in group]))).cpu()
-            for row, i in enumerate(group):
-                out[i] = wav[row, 0].numpy().astype(np.float32)
-        return out  # type: ignore[return-value]
+    def passes(self, lengths: Sequence[int]) -> list[list[int]]:
+        """One padded pass with ``pad_batches``, else one pass per item (see the class docstring)."""
+        return super().passes(lengths) if self.pad_batches else [[i] for i in range(len(lengths))]
 
     # ---- fitting hooks ----------------------------------------------------------------------------
 

@@ -24,16 +24,15 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anygpt.modalities.base import Codec, CodecError
+from anygpt.modalities.base import AudioCodec, CodecError
 from anygpt.modalities.cards import card_label, check_codec_matches, dir_card, load_weights, named_card, resolve_files, write_card
-from anygpt.modalities.media import coerce_audio, group_by_length, padded_batch
 
 WEIGHTS_NAME = "SpeechTokenizer.pt"
 CONFIG_NAME = "config.json"
@@ -390,7 +389,7 @@ def _config_facts(cfg: dict[str, Any]) -> dict[str, Any]:
             "num_codebooks": int(cfg["n_q"]), "codebook_size": int(cfg["codebook_size"])}
 
 
-class SpeechTokenizerCodec(Codec):
+class SpeechTokenizerCodec(AudioCodec):
     """SpeechTokenizer as a codec.  Its own ``state_dict()`` *is* the official checkpoint layout.
 
     ``encode(wavs)`` -> one ``[8, T]`` int64 array per 16 kHz waveform (T = ceil(samples / 320));
@@ -467,10 +466,6 @@ class SpeechTokenizerCodec(Codec):
 
     # ---- model-level API (tensors) -----------------------------------------------------------
 
-    def _autocast(self):
-        enabled = self.use_half and self.device.type == "cuda"
-        return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=enabled)
-
     @torch.inference_mode()
     def encode_tensor(self, wav: torch.Tensor, n_q: int | None = None, st: int = 0) -> torch.Tensor:
         """``wav [B, 1, L]`` (or ``[B, L]``) at 16 kHz -> codes ``[n_q, B, ceil(L/320)]`` (official order)."""
@@ -493,7 +488,7 @@ class SpeechTokenizerCodec(Codec):
     def decode_tensor(self, codes: torch.Tensor, st: int = 0) -> torch.Tensor:
         """codes ``[K, B, T]`` (layers ``st..st+K-1``) -> waveform ``[B, 1, T*320]``."""
         codes = codes.to(self.device, torch.long)
-        self._check_ids(codes)
+        self._check_range(codes)
         quantized = self.quantizer.decode(codes, st=st)
         with self._autocast():
             return self.decoder(quantized).float()
@@ -524,57 +519,17 @@ class SpeechTokenizerCodec(Codec):
         q = self.quantizer.decode(codes)
         return self.transform(q.transpose(1, 2))
 
-    def _check_ids(self, codes: torch.Tensor) -> None:
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise CodecError(f"speech codes must lie in [0, {self.codebook_size}); got "
-                             f"[{int(codes.min())}, {int(codes.max())}]")
-
     # ---- codec contract (lists of numpy arrays) -------------------------------------------
 
-    def num_frames(self, num_samples: int) -> int:
-        return math.ceil(num_samples / self.hop_length)
+    def encode_batch(self, wav: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, L]`` -> ``[B, 8, T]`` (the contract's batch-first order)."""
+        return self.encode_tensor(wav).transpose(0, 1)
 
-    def encode(self, items: Sequence[Any]) -> list[np.ndarray]:
-        """1-D float waveforms at 16 kHz (or audio file paths) -> ``[8, T]`` int64 arrays (T = ceil(len / 320))."""
-        wavs = [coerce_audio(w, self.sample_rate, f"speech item {i}") for i, w in enumerate(items)]
-        out: list[np.ndarray | None] = [None] * len(wavs)
-        for group in group_by_length([len(w) for w in wavs], self.pad_batches):
-            codes = self.encode_tensor(padded_batch(wavs, group)).cpu()  # [n_q, B, T]
-            for row, i in enumerate(group):
-                out[i] = codes[:, row, : self.num_frames(len(wavs[i]))].numpy().astype(np.int64)
-        return out  # type: ignore[return-value]
-
-    def decode(self, codes: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """``[K, T]`` arrays (K leading RVQ layers, 1..8) -> 1-D float32 waveforms of ``T * 320`` samples."""
-        arrs = []
-        for i, c in enumerate(codes):
-            a = np.asarray(c)
-            if a.ndim == 1:
-                a = a[None]
-            if a.ndim != 2 or not 1 <= a.shape[0] <= self.num_codebooks:
-                raise CodecError(f"speech codes item {i}: expected [K<= {self.num_codebooks}, T], got {a.shape}")
-            arrs.append(a.astype(np.int64))
-        out: list[np.ndarray | None] = [None] * len(arrs)
-        keys = [a.shape for a in arrs]
-        groups: dict[tuple, list[int]] = {}
-        for i, k in enumerate(keys):
-            groups.setdefault(k, []).append(i)
-        for shape, group in groups.items():
-            batch = torch.from_numpy(np.stack([arrs[i] for i in group], axis=1))  # [K, B, T]
-            wav = self.decode_tensor(batch).cpu()
-            for row, i in enumerate(group):
-                out[i] = wav[row, 0].numpy().astype(np.float32)
-        return out  # type: ignore[return-value]
+    def decode_batch(self, codes: torch.Tensor) -> torch.Tensor:
+        """``[B, K, T]`` (K leading RVQ layers) -> ``[B, 1, T*320]``."""
+        return self.decode_tensor(codes.transpose(0, 1))
 
     # ---- fitting hooks (used by anygpt.modalities.fit) ---------------------------------------
-
-    def fit_vectors(self, items: Sequence[Any]) -> torch.Tensor:
-        """Encoder output frames ``[N, dimension]`` of 16 kHz waveforms (what RVQ layer 1 quantises)."""
-        rows = []
-        for i, item in enumerate(items):
-            wav = torch.from_numpy(coerce_audio(item, self.sample_rate, f"speech item {i}"))[None, None]
-            rows.append(self.embeddings(wav)[0, :, : self.num_frames(wav.shape[-1])].t().cpu())
-        return torch.cat(rows).float()
 
     def codebooks(self) -> list[EuclideanCodebook]:
         return [layer._codebook for layer in self.quantizer.vq.layers]
