@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from anygpt import modalities as registry
-from anygpt.modalities.cards import _by_prefix, card_label
+from anygpt.modalities.cards import keys_by_prefix, card_label
 
 log = logging.getLogger(__name__)
 
@@ -718,7 +718,7 @@ class SoundStorm(nn.Module):
                 f"codebook={c.codebook_size}): " + "; ".join(parts))
         if unused:
             log.warning("%s: holds %d keys this SoundStorm decoder does not use (ignored): %s", source,
-                        len(unused), _by_prefix(unused))
+                        len(unused), keys_by_prefix(unused))
         return unused
 
     # -- the AnyGPT release --------------------------------------------------------------------------

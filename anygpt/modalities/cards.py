@@ -205,7 +205,8 @@ def check_codec_matches(card: dict[str, Any], **actual: Any) -> None:
         raise CodecError(f"{card_label(card)}: checkpoint does not match the card: {', '.join(bad)}")
 
 
-def _by_prefix(keys: list[str], depth: int = 2) -> str:
+def keys_by_prefix(keys: list[str], depth: int = 2) -> str:
+    """Checkpoint keys summarised for one log line: counts per leading ``depth`` name parts."""
     groups = Counter(".".join(k.split(".")[:depth]) for k in keys)
     return ", ".join(f"{p}.* {n}" for p, n in groups.most_common(8)) + (" ..." if len(groups) > 8 else "")
 
@@ -213,7 +214,7 @@ def _by_prefix(keys: list[str], depth: int = 2) -> str:
 def report_unused(card: dict[str, Any], path: Path, keys: list[str]) -> None:
     """One warning for checkpoint keys a loader does not use: how many, grouped by prefix."""
     log.warning("%s: %s holds %d keys this codec does not use (ignored): %s", card_label(card), Path(path).name,
-                len(keys), _by_prefix(keys))
+                len(keys), keys_by_prefix(keys))
 
 
 def load_weights(module: torch.nn.Module, sd: dict[str, torch.Tensor], card: dict[str, Any], path: Path,
@@ -237,7 +238,7 @@ def load_weights(module: torch.nn.Module, sd: dict[str, torch.Tensor], card: dic
     if missing or shape:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing keys ({_by_prefix(missing)}; e.g. {missing[:3]})")
+            parts.append(f"{len(missing)} missing keys ({keys_by_prefix(missing)}; e.g. {missing[:3]})")
         if shape:
             parts.append(f"{len(shape)} shape mismatches (e.g. {shape[:3]})")
         raise CodecError(f"{card_label(card)}: {path} does not match the architecture: {'; '.join(parts)}")
@@ -275,6 +276,7 @@ __all__ = [
     "write_card",
     "load_weights",
     "report_unused",
+    "keys_by_prefix",
     "card_label",
     "expected_files_text",
 ]
