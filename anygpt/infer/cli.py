@@ -199,7 +199,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat_command(args: argparse.Namespace) -> int:
-    from anygpt.infer.chat import ChatSession, run_chat
+    from anygpt.infer.chat import ChatSession, TerminalChat, run_chat
 
     script = args.script
     if script is None and not sys.stdin.isatty():
@@ -208,12 +208,12 @@ def run_chat_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--script {script}: no such file")
     config = _config(args)
     lm, media = _load(args, print)
-    session = ChatSession(lm, media, config, args.out, system=_system_prompt(args),
-                          answer_reserve=args.answer_reserve, debug=args.debug)
+    session = ChatSession(lm, media, config, args.out, system=_system_prompt(args), answer_reserve=args.answer_reserve)
+    chat = TerminalChat(session, debug=args.debug)
     if script is None:
         print("Chat with the model; /help lists commands, Ctrl-D or /quit leaves.")
     history = Path(args.history_file) if args.history_file else None
-    return run_chat(session, script=script, history_file=history)
+    return run_chat(chat, script=script, history_file=history)
 
 
 def main(argv: list[str] | None = None, command: str = "chat") -> int:
