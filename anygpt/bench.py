@@ -17,32 +17,45 @@ from typing import Any, Callable
 PACKAGES = ("torch", "transformers", "deepspeed", "diffusers", "webdataset", "tokenizers", "numpy", "anygpt-trainer")
 
 
-def _codecs() -> dict:
+def _codecs(args: argparse.Namespace) -> dict:
     from anygpt.modalities.bench import bench_codecs
 
     return bench_codecs(seconds=2.0, batches=(1, 4), real=True)
 
 
-def _data() -> dict:
+def _data(args: argparse.Namespace) -> dict:
     from anygpt.data.bench import bench_loader
     from data_pipeline.bench import bench_data
 
     return {"preprocess": bench_data(), "loader": bench_loader()}
 
 
-def _train() -> dict:
+def _train(args: argparse.Namespace) -> dict:
     from anygpt.train.bench import bench_train
 
     return bench_train()
 
 
-def _infer() -> dict:
+def _infer(args: argparse.Namespace) -> dict:
     from anygpt.infer.bench import bench_infer
 
     return bench_infer(model="tiny", context=512)
 
 
-BENCHES: dict[str, Callable[[], dict]] = {"codecs": _codecs, "data": _data, "train": _train, "infer": _infer}
+def _serve(args: argparse.Namespace) -> dict:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
+    if missing:  # the web extra is optional: the other benchmarks still run
+        print(f"[bench] serve skipped: needs the web extra ({', '.join(missing)} missing)")
+        return {"skipped": f"missing {', '.join(missing)}"}
+    from anygpt.serve.bench import bench_serve
+
+    return bench_serve(clients=args.clients, requests=args.requests)
+
+
+BENCHES: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "codecs": _codecs, "data": _data, "train": _train, "infer": _infer, "serve": _serve}
 
 
 def ratios(result: Any, prefix: str = "") -> dict[str, float]:
@@ -88,11 +101,13 @@ def machine() -> dict[str, Any]:
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run the benchmarks (codecs, data, train, infer) and print one table")
+    p = sub.add_parser("bench", help=f"run the benchmarks ({', '.join(BENCHES)}) and print one table")
     # No argparse `choices` here: with nargs="*" it rejects the empty default (a known argparse quirk).
-    p.add_argument("which", nargs="*", metavar="{codecs,data,train,infer}",
+    p.add_argument("which", nargs="*", metavar="{" + ",".join(BENCHES) + "}",
                    help=f"subset to run (default: all of {', '.join(BENCHES)})")
     p.add_argument("--json", default=None, help="write results, ratios, machine and package versions here")
+    p.add_argument("--clients", type=int, default=4, metavar="N", help="serve: concurrent API clients (default 4)")
+    p.add_argument("--requests", type=int, default=32, metavar="N", help="serve: requests in all (default 32)")
     p.set_defaults(handler=run_bench)
 
 
@@ -105,7 +120,7 @@ def run_bench(args: argparse.Namespace) -> int:
     for name in which:
         print(f"[bench] {name} ...", flush=True)
         t0 = time.perf_counter()
-        results[name] = BENCHES[name]()
+        results[name] = BENCHES[name](args)
         seconds[name] = round(time.perf_counter() - t0, 1)
         table += [(name, k, v) for k, v in ratios(results[name]).items()]
     print(f"\n{'bench':<8} {'ratio':<60} {'value':>10}")

@@ -223,10 +223,26 @@ def test_chat_entry_point_reads_stdin(model_dir, files, tmp_path):
                            "--seed", "0", "--script", "-"],
                           input=lines, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr == ""  # only our own lines (on stdout): no library warnings
     assert "nope.png: no such file" in proc.stdout
     assert "(attached image" in proc.stdout and proc.stdout.rstrip().endswith("bye")
     saved = json.loads((tmp_path / "c.json").read_text())
     assert len(saved["conversation"]) == 4
+
+
+def test_generate_prints_only_our_own_lines(model_dir, tmp_path):
+    """``anygpt generate`` as a new user runs it: no transformers cache-API deprecation warning, no
+    torchvision fallback note (image rendering included), nothing on stderr at all."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "default"}
+    proc = subprocess.run([sys.executable, "-m", "anygpt.cli", "generate", "--model", str(model_dir), "--codecs", "tiny",
+                           "--out", str(tmp_path), "--max-new-tokens", "40", "--seed", "0", "--image-steps", "1",
+                           "text|image|a red bus", "text|speech|hello there"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for word in ("past_key_values", "torchvision", "deprecat", "Warning"):
+        assert word not in proc.stderr and word not in proc.stdout, proc.stderr[-2000:]
+    assert proc.stderr == ""
+    assert "wrote image:" in proc.stdout and "wrote speech:" in proc.stdout
 
 
 def test_unconstrained_malformed_answers_are_reported(model_dir, tmp_path):
