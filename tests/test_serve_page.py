@@ -1,7 +1,7 @@
 """``anygpt serve``'s chat page in a real browser: Debian's chromium driven by Playwright.
 
-Uploads a picture, asks for an answer with a picture and a sound, waits for both to appear, records
-from the fake microphone and sends it, resets; a second browser session starts with its own empty
+Uploads a picture, asks for an answer with a picture and a sound, waits for both to appear, sets the
+voice to answer in, records from the fake microphone and sends it, resets; a second browser session starts with its own empty
 conversation; the page serves generated files and nothing else.  Screenshots go to the test's tmp
 dir (and to ``$ANYGPT_SERVE_SCREENSHOT`` when set: how ``docs/serve.png`` is made).
 """
@@ -90,7 +90,11 @@ def test_chat_page_in_a_real_browser(server, inputs, tmp_path):
             got = page.request.get(src if src.startswith("http") else server.url + src)
             assert got.status == 200 and got.headers["content-type"] == "image/png"
 
-            # The microphone (a fake device playing mic.wav) records a turn of speech.
+            # The voice to answer in (an upload), then the microphone (a fake device playing mic.wav)
+            # records a turn of speech, answered in speech.
+            page.get_by_text("Voice and generation settings").click()
+            page.locator("#voice input[type=file]").set_input_files(str(inputs / "mic.wav"))
+            page.wait_for_selector("#voice audio", timeout=TIMEOUT_MS, state="attached")
             answered = _bot_messages(page)
             page.locator("#box [data-testid=microphone-button]").click()
             page.get_by_role("button", name="Start recording").click()

@@ -30,7 +30,7 @@ from anygpt import modalities as registry
 from anygpt.decoders.soundstorm import SoundStorm, SoundStormConfig
 from anygpt.formats import Media
 from anygpt.layout import VocabLayout
-from anygpt.modalities.plugin import Modality, ReadOptions
+from anygpt.modalities.plugin import AudioModality, Modality, ReadOptions
 
 # The key of the voice prompt's input limit in ``MediaIO.max_seconds`` (``--max-voice-seconds``).
 VOICE = "voice"
@@ -320,6 +320,15 @@ def modality_for_file(layout: VocabLayout, suffix: str, family: type[Modality] =
                               + (f" here (it reads: {' '.join(readable)})" if readable else ""))
     spoken = [m for m in owners if plugins[m].text_kind == "transcript"]
     return (spoken or owners)[0]
+
+
+def spoken_modality(layout: VocabLayout) -> str | None:
+    """The layout's audio modality whose paired text is a transcript (speech), or None."""
+    for m in layout.modalities:
+        plugin = registry.get(m)
+        if isinstance(plugin, AudioModality) and plugin.text_kind == "transcript":
+            return m
+    return None
 
 
 def no_modality(layout: VocabLayout, modality: str) -> str:

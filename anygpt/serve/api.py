@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import mimetypes
 import queue
 import re
-import shutil
 import threading
 import time
 import uuid
@@ -51,11 +51,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import unquote, urlparse
 
+import soundfile as sf
+
 from anygpt import modalities as registry
-from anygpt.formats import Media, Part, Text, Turn
-from anygpt.infer.chat import ChatAnswer, ChatSession
+from anygpt.formats import Part, Text, Turn
+from anygpt.infer.chat import ChatAnswer
 from anygpt.infer.generation import ContextError, Event
-from anygpt.infer.mediaio import MediaInputError, modality_for_file
+from anygpt.infer.mediaio import MediaInputError, modality_for_file, spoken_modality
 from anygpt.infer.settings import GenerationConfig
 from anygpt.modalities.plugin import AudioModality, ImageModality, Modality
 from anygpt.serve.engine import Busy, Engine, turn_config
@@ -337,8 +339,7 @@ class RequestReader:
         audio_modality = None
         for v in value:
             if v == "audio":
-                audio_modality = next((m for m, p in ((m, registry.get(m)) for m in self.layout.modalities)
-                                       if isinstance(p, AudioModality) and p.text_kind == "transcript"), None)
+                audio_modality = spoken_modality(self.layout)
                 if audio_modality is None:
                     raise ApiError(400, "modalities: this model does not speak (no spoken audio modality)",
                                    "unsupported_value", "modalities")
@@ -425,10 +426,6 @@ def _b64(data: bytes) -> str:
 def _audio_bytes(path: Path, fmt: str) -> bytes:
     if path.suffix.lower() == AUDIO_FORMATS[fmt]:
         return path.read_bytes()
-    import io
-
-    import soundfile as sf
-
     data, sr = sf.read(path, dtype="float32")
     buf = io.BytesIO()
     sf.write(buf, data, sr, format=fmt.upper())
