@@ -230,6 +230,7 @@ def test_chat_entry_point_reads_stdin(model_dir, files, tmp_path):
     assert len(saved["conversation"]) == 4
 
 
+@pytest.mark.slow
 def test_generate_prints_only_our_own_lines(model_dir, tmp_path):
     """``anygpt generate`` as a new user runs it: no transformers cache-API deprecation warning, no
     torchvision fallback note (image rendering included), nothing on stderr at all."""
