@@ -53,7 +53,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from anygpt.cli import UserError
     from anygpt.serve.engine import Engine
-    from anygpt.serve.server import bind, build_app, prepare_gradio_env, run
+    from anygpt.serve.server import Stopped, bind, build_app, prepare_gradio_env, run, sigterm_raises
 
     if args.media_root is not None and not Path(args.media_root).is_dir():
         raise ValueError(f"--media-root {args.media_root}: no such directory")
@@ -67,23 +67,27 @@ def run_serve(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)  # fail on a taken port before loading the model
     limits = Limits(body_bytes=int(args.max_body_mb * MIB), media_bytes=int(args.max_media_mb * MIB), queue=args.queue)
     workdir = Path(tempfile.mkdtemp(prefix="anygpt-serve-"))
-    try:
-        prepare_gradio_env(workdir)
-        lm, media = load_model(args, print)
-        name = args.name or Path(args.model).resolve().name
-        engine = Engine(lm, media, config, name, system=system_prompt(args), media_root=args.media_root,
-                        limits=limits, workdir=workdir)
-        app = build_app(engine, api_key=args.api_key, page=not args.no_page)
-        host, port = sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        print(f"serving {name} on http://{shown}:{port}/  (page: /, API: /v1/chat/completions; Ctrl-C stops); "
-              f"temporary files in {workdir}", flush=True)
-        if host not in ("127.0.0.1", "::1", "localhost") and not args.api_key:
-            print(f"warning: listening on {host} without --api-key: anyone who can reach it can use the model",
-                  file=sys.stderr, flush=True)
-        run(app, sock, args.log_level)
-    finally:
-        sock.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+    # From here on a SIGTERM (as a service manager stops it) ends in the `finally` that removes workdir.
+    with sigterm_raises():
+        try:
+            prepare_gradio_env(workdir)
+            lm, media = load_model(args, print)
+            name = args.name or Path(args.model).resolve().name
+            engine = Engine(lm, media, config, name, system=system_prompt(args), media_root=args.media_root,
+                            limits=limits, workdir=workdir)
+            app = build_app(engine, api_key=args.api_key, page=not args.no_page)
+            host, port = sock.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            print(f"serving {name} on http://{shown}:{port}/  (page: /, API: /v1/chat/completions; Ctrl-C stops); "
+                  f"temporary files in {workdir}", flush=True)
+            if host not in ("127.0.0.1", "::1", "localhost") and not args.api_key:
+                print(f"warning: listening on {host} without --api-key: anyone who can reach it can use the model",
+                      file=sys.stderr, flush=True)
+            run(app, sock, args.log_level)
+        except Stopped:
+            pass
+        finally:
+            sock.close()
+            shutil.rmtree(workdir, ignore_errors=True)
     print("stopped; temporary files removed", flush=True)
     return 0

@@ -16,8 +16,9 @@ import shutil
 import signal
 import socket
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import anyio
 from fastapi import FastAPI, Request
@@ -148,30 +149,39 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _Stop(Exception):
-    """SIGTERM, turned into an exception so the caller's cleanup runs."""
+class Stopped(Exception):
+    """SIGTERM, turned into an exception so that cleanup (``finally``) runs."""
 
 
-def _raise_stop(signum: int, frame: Any) -> None:
-    raise _Stop
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise Stopped
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Inside: SIGTERM raises :class:`Stopped` (the default would end the process before the
+    temporary directory is removed).  Only the main thread can take signals; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run(app: Any, sock: socket.socket, log_level: str = "warning") -> None:
     """Serve ``app`` on ``sock`` until SIGINT or SIGTERM, then return (so the caller cleans up).
 
     uvicorn shuts down gracefully on either signal and then re-raises it with the handlers that were
-    there before: SIGINT's raises ``KeyboardInterrupt``, and the one installed here for SIGTERM raises
-    too, where the default would end the process before the temporary directory is removed.
+    there before: SIGINT's raises ``KeyboardInterrupt``, SIGTERM's raises ``Stopped`` inside
+    :func:`sigterm_raises`; both end serving normally here.
     """
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5))
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_stop) if main else None
     try:
         server.run(sockets=[sock])
-    except (KeyboardInterrupt, _Stop):
+    except (KeyboardInterrupt, Stopped):
         pass
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
