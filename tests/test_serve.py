@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai", reason="the official openai client (test extra) is not installed")
-pytest.importorskip("gradio", reason="the web extra (gradio) is not installed")
+pytest.importorskip("gradio", reason="gradio (test extra) is not installed")
 httpx = pytest.importorskip("httpx")
 
 from anygpt.serve.testing import ServerProcess  # noqa: E402

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("gradio", reason="the web extra (gradio) is not installed")
+pytest.importorskip("gradio", reason="gradio (test extra) is not installed")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) is not installed")
 httpx = pytest.importorskip("httpx")
 
