@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -169,3 +170,35 @@ def test_turns_take_the_model_one_at_a_time_and_a_full_queue_is_refused(engine):
     assert order == ["first", "second"]
     with engine.turn():  # and the engine serves on
         pass
+
+
+def test_the_command_refuses_bad_options_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    """``anygpt serve``: a missing --media-root, a limit <= 0 and a taken port are one ``error:`` line
+    each, exit 1, before any model is read (the model directory here does not even exist), and no
+    temporary directory is left behind."""
+    import socket
+    import tempfile
+
+    pytest.importorskip("uvicorn")
+    from anygpt.cli import main
+
+    model = str(tmp_path / "no-model")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = str(taken.getsockname()[1])
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where a server's temporary directory would go
+    try:
+        for argv, message in (
+                (["--media-root", str(tmp_path / "nope")], "--media-root"),
+                (["--max-body-mb", "0"], "--max-body-mb"),
+                (["--port", port], f"cannot listen on 127.0.0.1:{port}")):
+            assert main(["serve", "--model", model, "--no-page", *argv]) == 1
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+            assert "config.json" not in err[0]  # refused before the model was looked at
+    finally:
+        taken.close()
+    assert list(temp.iterdir()) == []
