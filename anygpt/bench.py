@@ -42,15 +42,27 @@ def _infer(args: argparse.Namespace) -> dict:
     return bench_infer(model="tiny", context=512)
 
 
+def _serve(args: argparse.Namespace) -> dict:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
+    if missing:  # the web extra is optional: the other benchmarks still run
+        print(f"[bench] serve skipped: needs the web extra ({', '.join(missing)} missing)")
+        return {"skipped": f"missing {', '.join(missing)}"}
+    from anygpt.serve.bench import bench_serve
+
+    return bench_serve(clients=args.clients, requests=args.requests)
+
+
 def _gpu(args: argparse.Namespace) -> dict:
     from anygpt.gpu_check import gpu_check
 
     return gpu_check(args)
 
 
-BENCHES: dict[str, Callable[[argparse.Namespace], dict]] = {"codecs": _codecs, "data": _data, "train": _train,
-                                                            "infer": _infer, "gpu": _gpu}
-DEFAULT = ("codecs", "data", "train", "infer")  # `gpu` needs a GPU (or --dry-run): asked for by name only
+BENCHES: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "codecs": _codecs, "data": _data, "train": _train, "infer": _infer, "serve": _serve, "gpu": _gpu}
+DEFAULT = ("codecs", "data", "train", "infer", "serve")  # `gpu` needs a GPU (or --dry-run): asked for by name only
 
 
 def ratios(result: Any, prefix: str = "") -> dict[str, float]:
@@ -98,14 +110,16 @@ def machine() -> dict[str, Any]:
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     from anygpt.gpu_check import add_gpu_arguments  # standard library only: cheap at parser time
 
-    p = sub.add_parser("bench", help="run the benchmarks (codecs, data, train, infer; gpu) and print one table",
+    p = sub.add_parser("bench", help=f"run the benchmarks ({', '.join(BENCHES)}) and print one table",
                        description="Benchmarks as ratios measured side by side. `gpu` is the one-script GPU "
                                    "check (training per attention path with tokens/s, memory and MFU; codec "
                                    "real-time factors; KV-cached generation); --dry-run runs it at tiny sizes.")
     # No argparse `choices` here: with nargs="*" it rejects the empty default (a known argparse quirk).
-    p.add_argument("which", nargs="*", metavar="{codecs,data,train,infer,gpu}",
+    p.add_argument("which", nargs="*", metavar="{" + ",".join(BENCHES) + "}",
                    help=f"subset to run (default: {', '.join(DEFAULT)})")
     p.add_argument("--json", default=None, help="write results, ratios, machine and package versions here")
+    p.add_argument("--clients", type=int, default=4, metavar="N", help="serve: concurrent API clients (default 4)")
+    p.add_argument("--requests", type=int, default=32, metavar="N", help="serve: requests in all (default 32)")
     add_gpu_arguments(p)
     p.set_defaults(handler=run_bench)
 

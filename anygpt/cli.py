@@ -24,6 +24,7 @@ SUBCOMMANDS = [
     "anygpt.train.cli:add_plot_parser",
     "anygpt.infer.cli:add_generate_parser",
     "anygpt.infer.cli:add_chat_parser",
+    "anygpt.serve.cli:add_serve_parser",
     "anygpt.eval.cli:add_eval_parser",
     "anygpt.demo.cli:add_demo_parser",
     "anygpt.bench:add_bench_parser",

@@ -9,6 +9,8 @@ import pytest
 # Tests never touch a hub; fail fast instead of hanging on a network call.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Gradio (imported by the serve tests) never phones home, whoever runs the tests.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 CORPUS = [
     "a red circle on the left", "a blue square at the top", "a green triangle in the middle",

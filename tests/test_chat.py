@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from anygpt.formats import Conversation, Media, Text
-from anygpt.infer.chat import ChatSession, run_chat, split_path_arg
+from anygpt.formats import Conversation, Media, Text, Turn
+from anygpt.infer.chat import ChatSession, TerminalChat, run_chat, split_path_arg
 from anygpt.infer.settings import GenerationConfig, default_settings
 
 pytest.importorskip("anygpt.modalities.image", reason="image codec module not available")
@@ -59,13 +59,18 @@ def files(tmp_path_factory):
     return d
 
 
-def _session(lm, tmp_path, config=None, **kw):
+def _core(lm, tmp_path, config=None, **kw):
     from anygpt.infer.mediaio import MediaIO
 
-    out = io.StringIO()
     media = MediaIO(lm.layout, "tiny", "tiny", render_options={"image": {"steps": 1}}, seed=0)
     cfg = config or GenerationConfig(max_new_tokens=40, seed=0)
-    return ChatSession(lm, media, cfg, tmp_path / "out", out=out, **kw), out
+    return ChatSession(lm, media, cfg, tmp_path / "out", **kw)
+
+
+def _session(lm, tmp_path, config=None, **kw):
+    """The terminal chat over a session, printing into a buffer."""
+    out = io.StringIO()
+    return TerminalChat(_core(lm, tmp_path, config, **kw), out=out), out
 
 
 def test_split_path_arg():
@@ -77,7 +82,7 @@ def test_split_path_arg():
 
 
 def test_session_survives_every_bad_input(lm, files, tmp_path):
-    session, out = _session(lm, tmp_path)
+    chat, out = _session(lm, tmp_path)
     script = tmp_path / "script.txt"
     lines = [
         "hello there",
@@ -102,7 +107,7 @@ def test_session_survives_every_bad_input(lm, files, tmp_path):
         "/history",
     ]
     script.write_text("\n".join(lines) + "\n", encoding="utf-8")  # then EOF
-    assert run_chat(session, script=str(script)) == 0
+    assert run_chat(chat, script=str(script)) == 0
     text = out.getvalue()
     for expected in ["(empty line ignored", "missing.png: no such file", "unsupported format for speech",
                      "notes.txt: not a recognised image format", "notes.txt: cannot read audio",
@@ -113,14 +118,14 @@ def test_session_survives_every_bad_input(lm, files, tmp_path):
         assert expected in text, f"missing {expected!r} in:\n{text}"
     assert text.count("error: ") >= 12
     # Three real turns went through, errors left no trace in the history.
-    assert len(session.history) == 6 and [t.role for t in session.history] == ["user", "assistant"] * 3
-    speech_turn = session.history[2]
+    assert len(chat.session.history) == 6 and [t.role for t in chat.session.history] == ["user", "assistant"] * 3
+    speech_turn = chat.session.history[2]
     assert isinstance(speech_turn.parts[0], Media) and speech_turn.parts[0].codes.shape[1] == 30 * 50
-    assert session.pending == []
+    assert chat.pending == []
 
 
 def test_ctrl_c_at_prompt_and_during_generation(lm, tmp_path, monkeypatch):
-    session, out = _session(lm, tmp_path)
+    chat, out = _session(lm, tmp_path)
     inputs = iter(["first turn", KeyboardInterrupt(), "second turn", "/history", EOFError()])
 
     def read_line(prompt):
@@ -129,7 +134,7 @@ def test_ctrl_c_at_prompt_and_during_generation(lm, tmp_path, monkeypatch):
             raise item
         return item
 
-    real = session.lm.generator.generate_one
+    real = chat.session.lm.generator.generate_one
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -138,22 +143,22 @@ def test_ctrl_c_at_prompt_and_during_generation(lm, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(session.lm.generator, "generate_one", flaky)
-    assert run_chat(session, read_line=read_line) == 0
+    monkeypatch.setattr(chat.session.lm.generator, "generate_one", flaky)
+    assert run_chat(chat, read_line=read_line) == 0
     text = out.getvalue()
     assert "(Ctrl-C: type /quit or press Ctrl-D to leave)" in text
     assert "(interrupted: the turn was discarded)" in text
-    assert len(session.history) == 2 and session.history[0].parts == [Text("first turn")]
+    assert len(chat.session.history) == 2 and chat.session.history[0].parts == [Text("first turn")]
     assert text.rstrip().endswith("bye")
 
 
 def test_quit_ends_and_later_lines_are_ignored(lm, tmp_path):
-    session, out = _session(lm, tmp_path)
+    chat, out = _session(lm, tmp_path)
     script = tmp_path / "s.txt"
     script.write_text("/help\n/quit\nnever sent\n")
-    assert run_chat(session, script=str(script)) == 0
+    assert run_chat(chat, script=str(script)) == 0
     assert "/voice PATH" in out.getvalue() and "never sent" not in out.getvalue().split("/quit")[-1]
-    assert session.history == []
+    assert chat.session.history == []
 
 
 def test_history_is_trimmed_to_the_context(lm, tmp_path):
@@ -161,19 +166,19 @@ def test_history_is_trimmed_to_the_context(lm, tmp_path):
 
     small = load_lm(lm.directory, device="cpu", context_length=160)
     cfg = GenerationConfig(max_new_tokens=30, seed=0)
-    session, out = _session(small, tmp_path, config=cfg)
+    chat, out = _session(small, tmp_path, config=cfg)
     for i in range(8):
-        session.handle(f"turn number {i} with a few more words to fill the context")
+        chat.handle(f"turn number {i} with a few more words to fill the context")
         # What is kept always fits: history + the answer just given stayed within the context.
-        assert len(small.generator.format.render(Conversation(session.history)).ids) <= 160
+        assert len(small.generator.format.render(Conversation(chat.session.history)).ids) <= 160
     text = out.getvalue()
     assert "(context: dropped the oldest" in text
-    assert session.dropped_total > 0
-    assert "turn number 7" in session.describe_parts(session.history[-2].parts)
+    assert chat.session.dropped_total > 0
+    assert "turn number 7" in chat.session.describe_parts(chat.session.history[-2].parts)
     # One turn longer than the whole context: an error, the session goes on.
-    session.handle("word " * 400)
+    chat.handle("word " * 400)
     assert "no room for an answer" in out.getvalue()
-    session.handle("/history")
+    chat.handle("/history")
     assert "earlier exchange(s) dropped" in out.getvalue()
 
 
@@ -184,11 +189,11 @@ def test_media_answers_become_readable_files(lm, files, tmp_path, modality):
 
     modes = {k: replace(v, max_tokens=min(v.max_tokens, 40)) for k, v in default_settings().items()}
     cfg = GenerationConfig(modes=modes, max_new_tokens=60, seed=0, outputs=(modality,), require=modality)
-    session, out = _session(lm, tmp_path, config=cfg)
+    chat, out = _session(lm, tmp_path, config=cfg)
     if modality == "speech":
-        session.handle(f"/voice {files / 'hello.wav'}")
-        assert session.voice is not None and session.voice.shape[0] == 8
-    session.handle(f"/image {files / 'green.png'} answer with {modality}")
+        chat.handle(f"/voice {files / 'hello.wav'}")
+        assert chat.session.voice is not None and chat.session.voice.shape[0] == 8
+    chat.handle(f"/image {files / 'green.png'} answer with {modality}")
     text = out.getvalue()
     paths = [line.split(": ", 1)[1].split(" (")[0] for line in text.splitlines() if line.startswith(f"-> {modality}: ")]
     assert len(paths) == 1, text
@@ -200,7 +205,7 @@ def test_media_answers_become_readable_files(lm, files, tmp_path, modality):
     else:
         data, sr = sf.read(path)
         assert sr == (16000 if modality == "speech" else 32000) and len(data) > 0
-    saved = session.save(tmp_path / "conv.json")
+    saved = chat.session.save(tmp_path / "conv.json")
     record = json.loads(saved.read_text())
     roles = [t["role"] for t in record["conversation"]]
     assert roles == ["user", "assistant"]
@@ -218,10 +223,27 @@ def test_chat_entry_point_reads_stdin(model_dir, files, tmp_path):
                            "--seed", "0", "--script", "-"],
                           input=lines, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr == ""  # only our own lines (on stdout): no library warnings
     assert "nope.png: no such file" in proc.stdout
     assert "(attached image" in proc.stdout and proc.stdout.rstrip().endswith("bye")
     saved = json.loads((tmp_path / "c.json").read_text())
     assert len(saved["conversation"]) == 4
+
+
+@pytest.mark.slow
+def test_generate_prints_only_our_own_lines(model_dir, tmp_path):
+    """``anygpt generate`` as a new user runs it: no transformers cache-API deprecation warning, no
+    torchvision fallback note (image rendering included), nothing on stderr at all."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "default"}
+    proc = subprocess.run([sys.executable, "-m", "anygpt.cli", "generate", "--model", str(model_dir), "--codecs", "tiny",
+                           "--out", str(tmp_path), "--max-new-tokens", "40", "--seed", "0", "--image-steps", "1",
+                           "text|image|a red bus", "text|speech|hello there"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for word in ("past_key_values", "torchvision", "deprecat", "Warning"):
+        assert word not in proc.stderr and word not in proc.stdout, proc.stderr[-2000:]
+    assert proc.stderr == ""
+    assert "wrote image:" in proc.stdout and "wrote speech:" in proc.stdout
 
 
 def test_unconstrained_malformed_answers_are_reported(model_dir, tmp_path):
@@ -234,13 +256,13 @@ def test_unconstrained_malformed_answers_are_reported(model_dir, tmp_path):
     for seed in range(6):
         excite_specials(lm.model, lm.layout, 600 + seed)
         cfg = GenerationConfig(max_new_tokens=40, seed=seed, constrained=False)
-        session, out = _session(lm, tmp_path, config=cfg)
+        chat, out = _session(lm, tmp_path, config=cfg)
         for line in ("first", "second", "/history"):
-            assert session.handle(line) is True
+            assert chat.handle(line) is True
         text = out.getvalue()
         assert "error: unexpected" not in text  # nothing escaped as an internal error
         warned += text.count("warning: malformed output")
-        assert len(session.history) == 4
+        assert len(chat.session.history) == 4
     assert warned > 0
 
 
@@ -281,21 +303,21 @@ def test_speech_only_model_chats_and_refuses_other_modalities(tmp_path, files):
     assert list(layout.modalities) == ["speech"] and {"image", "music"} <= set(layout.missing())
     assert "/image" not in commands(layout) and "/speech" in commands(layout) and "/voice" in commands(layout)
     assert "/image" not in help_text(layout)
-    session, out = _session(lm, tmp_path)
+    chat, out = _session(lm, tmp_path)
     for line in ("hello", f"/speech {files / 'hello.wav'} what did I say?", f"/image {files / 'green.png'}",
                  f"/music {files / 'hello.wav'}", "/help"):
-        assert session.handle(line) is True
+        assert chat.handle(line) is True
     text = out.getvalue()
     assert "error: this model has no image modality (it has: speech)" in text
     assert "error: this model has no music modality (it has: speech)" in text
-    assert [t.role for t in session.history] == ["user", "assistant"] * 2
-    heard = session.history[2].parts[0]
+    assert [t.role for t in chat.session.history] == ["user", "assistant"] * 2
+    heard = chat.session.history[2].parts[0]
     assert isinstance(heard, Media) and heard.modality == "speech" and heard.codes.shape[1] == 50
 
     sp = layout.modality("speech")
     modes = {k: replace(v, max_tokens=min(v.max_tokens, 30)) for k, v in default_settings().items()}
     cfg = GenerationConfig(modes=modes, max_new_tokens=50, seed=0, outputs=("speech",), require="speech")
-    prompt = lm.generator.format.prompt(Conversation(session.history[:1]))
+    prompt = lm.generator.format.prompt(Conversation(chat.session.history[:1]))
     for seed in range(3):
         excite_specials(lm.model, layout, 700 + seed)
         r = lm.generator.generate_one(prompt, replace(cfg, seed=seed))
@@ -303,10 +325,74 @@ def test_speech_only_model_chats_and_refuses_other_modalities(tmp_path, files):
         assert r.stop == "eom" and r.issues == []
         assert ids[0] == layout.id(sp.start) and ids[-1] == layout.id(sp.end) and len(ids) > 2
         assert all(sp.offset <= t < sp.stop for t in ids[1:-1])
-    session.config = cfg
-    session.handle("now say it")
+    chat.session.config = cfg
+    chat.handle("now say it")
     paths = [line.split(": ", 1)[1].split(" (")[0] for line in out.getvalue().splitlines()
              if line.startswith("-> speech: ")]
     assert len(paths) == 1
     data, sr = sf.read(paths[0])
     assert sr == 16000 and len(data) > 0
+
+
+# ---------------------------------------------------------------------------------------------- the session object
+
+
+def test_session_returns_events_and_prints_nothing(lm, files, tmp_path, capsys):
+    """The shared session (terminal, page and API): an answer is events, in order, whose text deltas
+    add up to the parsed answer; a required modality comes back as a readable file event."""
+    import soundfile as sf
+
+    speech = lm.layout.modality("speech").name
+    session = _core(lm, tmp_path)
+    part, notes = session.encode(speech, files / "hello.wav")
+    assert notes == [] and session.tokens(part) == 50 and session.files[id(part)] == str(files / "hello.wav")
+    seen = []
+    cfg = GenerationConfig(max_new_tokens=60, seed=0, outputs=("text", speech), include=(speech,))
+    answer = session.respond([part, Text("say it back")], on_event=seen.append, config=cfg)
+    assert seen == answer.events and capsys.readouterr().out == ""
+    kinds = [e.kind for e in answer.events]
+    assert kinds.index("span_start") < kinds.index("span_end") < kinds.index("end") < kinds.index("file")
+    assert "".join(e.text for e in answer.events if e.kind == "text").strip() == answer.text
+    (f,) = answer.files
+    data, sr = sf.read(f.path)
+    assert f.modality == speech and sr == 16000 and len(data) > 0 and f.path.parent == tmp_path / "out"
+    assert [t.role for t in session.history] == ["user", "assistant"]
+    assert any(isinstance(p, Media) and p.modality == speech for p in session.history[1].parts)
+
+
+def test_include_forces_a_span_and_still_allows_text(lm):
+    """``include``: at least one span of the modality, text allowed before it, whatever the model does;
+    the budget keeps room for it."""
+    from anygpt.infer.loading import load_lm
+    from anygpt.infer.testing import excite_specials
+
+    lm = load_lm(lm.directory, device="cpu")  # private copy: weights get scrambled
+    prompt = lm.generator.format.prompt(Conversation([Turn("user", [Text("hi")])]))
+    image = lm.layout.modality("image")
+    with_text = 0
+    for seed in range(4):
+        if seed:
+            excite_specials(lm.model, lm.layout, 900 + seed)
+        for budget in (36, 60):
+            cfg = GenerationConfig(max_new_tokens=budget, seed=seed, outputs=("text", "image"), include=("image",))
+            r = lm.generator.generate_one(prompt, cfg)
+            spans = [p for p in r.parts if isinstance(p, Media)]
+            assert r.issues == [] and r.stop == "eom" and spans and spans[0].modality == "image"
+            assert spans[0].codes.shape == (1, image.span_length)
+            with_text += bool(r.text.strip())
+    assert with_text > 0  # text may come first: this is not ``require``
+    with pytest.raises(ValueError, match="needs 35 tokens"):
+        lm.generator.generate_one(prompt, GenerationConfig(max_new_tokens=20, include=("image",)))
+
+
+def test_failed_turns_leave_the_session_unchanged(lm, tmp_path):
+    from anygpt.infer.generation import ContextError
+
+    session = _core(lm, tmp_path)
+    session.respond([Text("first")])
+    before = list(session.history)
+    with pytest.raises(ContextError, match="no room for an answer"):
+        session.respond([Text("word " * 3000)])
+    assert session.history == before and session.turn_no == 1
+    session.reset()
+    assert session.history == [] and session.config.seed == 0

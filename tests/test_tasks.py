@@ -155,7 +155,7 @@ def test_image_speech_model_without_music(tmp_path, media_files):
     chat answers /music with one line."""
     import io
 
-    from anygpt.infer.chat import ChatSession
+    from anygpt.infer.chat import ChatSession, TerminalChat
     from anygpt.infer.loading import load_lm
     from anygpt.infer.mediaio import MediaIO
     from anygpt.infer.settings import GenerationConfig
@@ -174,9 +174,10 @@ def test_image_speech_model_without_music(tmp_path, media_files):
     assert results[1].error is None and results[1].files[0].path.suffix == ".png"
     assert results[2].error is None and results[2].text_file.is_file()
     chat_out = io.StringIO()
-    session = ChatSession(lm, media, GenerationConfig(max_new_tokens=20, seed=0), tmp_path / "c", out=chat_out)
-    session.handle(f"/music {media_files / 'song.wav'}")
-    session.handle(f"/image {media_files / 'red.png'} what is it?")
+    session = ChatSession(lm, media, GenerationConfig(max_new_tokens=20, seed=0), tmp_path / "c")
+    chat = TerminalChat(session, out=chat_out)
+    chat.handle(f"/music {media_files / 'song.wav'}")
+    chat.handle(f"/image {media_files / 'red.png'} what is it?")
     assert chat_out.getvalue().splitlines()[0] == "error: this model has no music modality (it has: image, speech)"
     assert "(attached image" in chat_out.getvalue() and len(session.history) == 2
 

@@ -10,6 +10,7 @@ builds a random pipeline with the same components, small enough for CPU tests.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,6 +49,30 @@ def _dtype_kwarg() -> str:
     return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 
 
+class _DropFallbackNote(logging.Filter):
+    """Drops transformers' "`CLIPImageProcessor` requires torchvision ... falling back to
+    `CLIPImageProcessorPil`" note: diffusers' unCLIP module imports that name at import time, and
+    without torchvision transformers answers with the PIL processor (the one we want) plus the note."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+def _unclip_pipeline_class() -> Any:
+    """``StableUnCLIPImg2ImgPipeline``, imported without the torchvision fallback note (the PIL image
+    processor it falls back to is the right one here: unCLIP conditions on embeddings, not pixels)."""
+    from transformers.utils import logging as hf_logging
+
+    logger = hf_logging.get_logger("transformers.utils.import_utils")
+    note = _DropFallbackNote()
+    logger.addFilter(note)
+    try:
+        from diffusers import StableUnCLIPImg2ImgPipeline
+    finally:
+        logger.removeFilter(note)
+    return StableUnCLIPImg2ImgPipeline
+
+
 def _default_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
     if dtype is not None:
         return dtype
@@ -70,7 +95,7 @@ class UnclipRenderer:
     def from_dir(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  seed: int | None = None, progress: bool = False) -> "UnclipRenderer":
         """Load a local ``stable-diffusion-2-1-unclip``-layout directory (``model_index.json`` + components)."""
-        from diffusers import StableUnCLIPImg2ImgPipeline
+        StableUnCLIPImg2ImgPipeline = _unclip_pipeline_class()
 
         root = Path(path)
         index = root / "model_index.json"
@@ -98,8 +123,8 @@ class UnclipRenderer:
     @classmethod
     def tiny(cls, embed_dim: int = 1024, seed: int = 0, image_size: int = 32) -> "UnclipRenderer":
         """A small random pipeline with every real component (CPU tests, demo); images are noise-like."""
-        from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableUnCLIPImg2ImgPipeline,
-                               UNet2DConditionModel)
+        StableUnCLIPImg2ImgPipeline = _unclip_pipeline_class()
+        from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
         from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
         from tokenizers.pre_tokenizers import ByteLevel
         from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig,

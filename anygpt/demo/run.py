@@ -336,4 +336,6 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
     for name, path in report["paths"].items():
         print(f"[demo] {name:<8} {path}")
     print(f"[demo] talk to the model:  anygpt chat --model {model_dir}")
+    print(f"[demo] or in a browser / with an OpenAI client:  anygpt serve --model {model_dir}  "
+          f"(then http://127.0.0.1:8000/)")
     return report

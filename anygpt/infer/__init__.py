@@ -6,7 +6,8 @@
 - ``anygpt.infer.loading``: model directory -> LM + tokenizer + layout on a device.
 - ``anygpt.infer.mediaio``: files -> code spans and spans -> files, through each modality's plugin and codec.
 - ``anygpt.infer.tasks``: ``anygpt generate "text|image|a red bus"`` (both directions for every modality).
-- ``anygpt.infer.chat``: ``anygpt chat`` / ``launch/chat.py``.
+- ``anygpt.infer.chat``: the chat session every front end shares (terminal, ``anygpt serve``'s page and API)
+  and the terminal REPL of ``anygpt chat`` / ``launch/chat.py``.
 - ``anygpt.infer.bench``: ``anygpt bench infer``.
 
 Submodules are imported by their users; importing this package stays cheap.

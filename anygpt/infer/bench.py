@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from anygpt.decoders.soundstorm import DEFAULT_STEPS, SoundStorm, SoundStormConfig
-from anygpt.infer.generation import Generator, pick_device
+from anygpt.infer.generation import Generator, cache_argument, new_cache, pick_device
 from anygpt.infer.settings import GenerationConfig
 from anygpt.model import build_model
 from anygpt.text_tokenizer import prepare_tokenizer, train_tiny_tokenizer
@@ -121,12 +121,11 @@ def bench_soundstorm(size: str = "small", seconds: float = 10.0, repeats: int = 
 
     @torch.inference_mode()
     def autoregressive() -> None:
-        out = ar(input_ids=semantic, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = {cache_argument(ar): new_cache(ar)}  # filled in place by every call
+        out = ar(input_ids=semantic, use_cache=True, logits_to_keep=1, **cache)
         nxt = out.logits[:, -1:].argmax(-1)
         for _ in range(n_ar - 1):
-            out = ar(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = ar(input_ids=nxt, use_cache=True, **cache)
             nxt = out.logits[:, -1:].argmax(-1)
 
     def parallel() -> None:

@@ -1,10 +1,15 @@
-"""Multi-turn multimodal chat: a REPL with line editing, file attachments and media answers.
+"""Multi-turn multimodal chat: the one conversation object, and the terminal REPL that prints it.
 
-Every turn is rendered with the one template of ``anygpt.formats`` (the same the model was trained
-on), the answer is generated under the modality constraints, its media spans are rendered to files
-whose paths are printed, and the parsed answer joins the history.  The history is kept as parts
-(text and code arrays), not strings, so re-rendering it is exact; when it no longer fits the context
-next to room for an answer, the oldest exchanges are dropped with a notice.
+:class:`ChatSession` is the chat logic every front end shares (``anygpt chat``, the page and the
+OpenAI-style API of ``anygpt serve``): every turn is rendered with the one template of
+``anygpt.formats`` (the same the model was trained on), the answer is generated under the modality
+constraints, its media spans are rendered to files, and the parsed answer joins the history.  It
+prints nothing: an answer is a list of :class:`~anygpt.infer.generation.Event` objects (text deltas,
+spans, files, notices), also passed one by one to a callback while they happen.  The history is kept
+as parts (text and code arrays), not strings, so re-rendering it is exact; when it no longer fits the
+context next to room for an answer, the oldest exchanges are dropped with a notice.
+
+:class:`TerminalChat` reads lines, runs commands, and prints the events (``ConsolePrinter``).
 
 Input lines::
 
@@ -29,7 +34,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
@@ -37,7 +42,7 @@ import numpy as np
 
 from anygpt import modalities as registry
 from anygpt.formats import Conversation, Marker, Media, Part, Text, Turn
-from anygpt.infer.generation import ConsoleStreamer, ContextError
+from anygpt.infer.generation import ConsolePrinter, ContextError, Event, EventStreamer, GenerationResult
 from anygpt.infer.mediaio import MediaIO, no_modality, voice_modality
 from anygpt.infer.settings import GenerationConfig, apply_setting_overrides, settings_table
 from anygpt.layout import VocabLayout
@@ -97,41 +102,220 @@ def split_path_arg(rest: str) -> tuple[str, str]:
     return path, text.strip()
 
 
+@dataclass
+class ChatAnswer:
+    """What one turn produced: its events in order, the generation result, exchanges dropped."""
+
+    events: list[Event]
+    result: GenerationResult
+    dropped: int = 0
+
+    @property
+    def text(self) -> str:
+        """The answer's text (media spans and markers left out)."""
+        return self.result.text.strip()
+
+    @property
+    def files(self) -> list[Event]:
+        """The ``file`` events: generated media written to disk, in answer order."""
+        return [e for e in self.events if e.kind == "file"]
+
+    def messages(self, *kinds: str) -> list[str]:
+        """The texts of the notices of these kinds (default: info, note, warning, error)."""
+        kinds = kinds or ("info", "note", "warning", "error")
+        return [e.text for e in self.events if e.kind in kinds]
+
+
 class ChatSession:
-    """State and behaviour of one conversation (independent of where lines come from).
+    """One conversation: history, voice, settings; builds prompts and turns answers into events.
 
     Args:
         lm: a :class:`~anygpt.infer.loading.LoadedLM`.
         media: encodes attachments and renders answers.
-        config: sampling settings (changed by ``/settings``).
+        config: sampling settings (a turn may pass its own).
         out_dir: where generated media go.
         system: system prompt (None: none, as in stage-1 and AnyGPT's release).
-        out: where answers and messages are printed.
         answer_reserve: context tokens kept free for the answer when trimming history
             (default: half the context, at most ``config.max_new_tokens``).
-        debug: print tracebacks of unexpected errors.
+        history: earlier turns (an API request carries its whole conversation).
     """
 
     def __init__(self, lm: Any, media: MediaIO, config: GenerationConfig, out_dir: str | Path,
-                 system: str | None = None, out: TextIO | None = None, answer_reserve: int | None = None,
-                 debug: bool = False) -> None:
+                 system: str | None = None, answer_reserve: int | None = None,
+                 history: list[Turn] | None = None) -> None:
         self.lm = lm
         self.media = media
         self.config = config
         self.out_dir = Path(out_dir)
         self.system = system
-        self.out = out or sys.stdout
         self.answer_reserve = answer_reserve
-        self.debug = debug
-        self.history: list[Turn] = []
-        self.pending: list[Part] = []
+        self.history: list[Turn] = list(history or [])
         self.voice: np.ndarray | None = None
         self.voice_path: str | None = None
         self.files: dict[int, str] = {}  # id(Media part) -> file it came from / was written to
         self.turn_no = 0
         self.dropped_total = 0
-        self.commands = commands(lm.layout)
         self.voice_modality = voice_modality(lm.layout)
+
+    # ------------------------------------------------------------------ inputs
+    def encode(self, modality: str, path: str | Path) -> tuple[Media, list[str]]:
+        """A file -> a :class:`Media` part of ``modality`` plus notes (``ValueError`` naming the file)."""
+        part, notes = self.media.encode_file(modality, path)
+        self.files[id(part)] = str(Path(path).expanduser().resolve())
+        return part, notes
+
+    def set_voice(self, path: str | Path | None) -> list[str]:
+        """Answer the voice-prompt modality in the voice of the recording at ``path`` (None: no voice
+        prompt); returns notes.  ``ValueError`` for a model without that modality or a bad file."""
+        if path is None:
+            self.voice, self.voice_path = None, None
+            return []
+        codes, notes = self.media.voice_prompt(path)
+        self.voice, self.voice_path = codes, str(path)
+        return notes
+
+    def reset(self) -> None:
+        """Forget the conversation (settings and voice stay)."""
+        self.history.clear()
+
+    def tokens(self, part: Media) -> int:
+        """LM ids a media part takes in the prompt."""
+        return len(self.lm.layout.codes_to_ids(part.modality, part.codes))
+
+    # ------------------------------------------------------------------ a turn
+    def fit(self, user: Turn, config: GenerationConfig | None = None) -> tuple[np.ndarray, list[Turn], int]:
+        """The prompt for ``history + user``, dropping the oldest exchanges until it leaves room for an
+        answer.  Returns ``(prompt ids, kept history, exchanges dropped)`` without changing the session;
+        raises ``ContextError`` when the new turn alone is too long."""
+        config = config or self.config
+        fmt = self.lm.generator.format
+        ctx = self.lm.generator.context_length
+        reserve = self.answer_reserve or min(config.max_new_tokens, ctx // 2)
+        hist = list(self.history)
+        dropped = 0
+        while True:
+            prompt = fmt.prompt(Conversation(hist + [user], self.system))
+            if len(prompt) + reserve <= ctx or not hist:
+                break
+            hist = hist[2:] if len(hist) >= 2 else []
+            dropped += 1
+        if len(prompt) + MIN_ANSWER_TOKENS > ctx:
+            raise ContextError(f"this turn is {len(prompt)} tokens long; with the model's context of {ctx} there is "
+                               f"no room for an answer (shorten the text or the audio)")
+        return prompt, hist, dropped
+
+    def respond(self, parts: list[Part], on_event: Callable[[Event], None] | None = None,
+                config: GenerationConfig | None = None) -> ChatAnswer:
+        """Send ``parts`` as a user turn; returns the answer (its events also go to ``on_event`` as
+        they happen: text while it is generated, files once rendered).
+
+        The turn joins the history only when it completes: ``ContextError`` (the turn does not fit),
+        an error of the generator or ``KeyboardInterrupt`` leave the session as it was.  A span that
+        cannot be rendered becomes an ``error`` event; the rest of the answer stands.
+        """
+        config = config or self.config
+        user = Turn("user", list(parts))
+        prompt, hist, dropped = self.fit(user, config)
+        events: list[Event] = []
+
+        def emit(e: Event) -> None:
+            events.append(e)
+            if on_event is not None:
+                on_event(e)
+
+        if dropped:
+            emit(Event("info", f"context: dropped the oldest {dropped} exchange(s) to stay within "
+                               f"{self.lm.generator.context_length} tokens"))
+        streamer = EventStreamer(self.lm.tokenizer, self.lm.layout, emit)
+        result = self.lm.generator.generate_one(prompt, config, streamer)
+        if not any(e.kind in ("text", "span_start", "marker") for e in events):
+            emit(Event("info", "empty answer"))
+        for issue in result.issues:
+            emit(Event("warning", f"malformed output at {issue}"))
+        if result.stop == "budget":
+            emit(Event("info", f"answer cut at {len(result.ids)} tokens: the token budget or the context ran out"))
+        turn_no = self.turn_no + 1
+        answer = Turn("assistant", result.parts)
+        k = 0
+        for part in answer.parts:
+            if not isinstance(part, Media):
+                continue
+            k += 1
+            voice = self.voice if part.modality == self.voice_modality else None
+            try:
+                rendered = self.media.render(part, self.out_dir, f"turn{turn_no:03d}-{k}-{part.modality}", voice=voice)
+            except (ValueError, OSError) as e:
+                emit(Event("error", f"cannot render the {part.modality} answer: {str(e).splitlines()[0]}",
+                           modality=part.modality))
+                continue
+            self.files[id(part)] = str(rendered.path.resolve())
+            for n in rendered.notes:
+                emit(Event("note", n, modality=part.modality))
+            emit(Event("file", modality=part.modality, path=rendered.path, seconds=rendered.seconds))
+        self.turn_no = turn_no
+        self.history = hist + [user, answer]
+        self.dropped_total += dropped
+        return ChatAnswer(events, result, dropped)
+
+    # ------------------------------------------------------------------ views
+    def describe_parts(self, parts: Iterable[Part], limit: int = 60) -> str:
+        """One line for a turn's parts: text (shortened), ``[image file.png]``, markers."""
+        out = []
+        for p in parts:
+            if isinstance(p, Text):
+                t = " ".join(p.text.split())
+                out.append(t if len(t) <= limit else t[: limit - 3] + "...")
+            elif isinstance(p, Media):
+                out.append(f"[{p.modality} {Path(self.files.get(id(p), '')).name or ''}]".replace(" ]", "]"))
+            elif isinstance(p, Marker):
+                out.append(p.token)
+        return " ".join(out)
+
+    def save(self, path: str | Path) -> Path:
+        """The conversation as a conversation row (``id``, ``conversation``): media as file paths,
+        chain-of-modality markers as ``{"marker": ...}`` (the preprocessing input format)."""
+        rows = []
+        for turn in self.history:
+            content: list[dict[str, str]] = []
+            for p in turn.parts:
+                if isinstance(p, Text):
+                    content.append({"text": p.text})
+                elif isinstance(p, Marker):
+                    content.append({"marker": p.token})
+                elif isinstance(p, Media):
+                    content.append({p.modality: self.files.get(id(p), "")})
+            rows.append({"role": turn.role, "content": content})
+        record: dict[str, Any] = {"id": f"chat-{time.strftime('%Y%m%d-%H%M%S')}", "conversation": rows}
+        if self.system:
+            record["system"] = self.system
+        path = Path(path).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise OSError(f"cannot save {path}: {e.strerror or e}") from None
+        return path
+
+
+class TerminalChat:
+    """The terminal front end: reads command lines, calls the session, prints its events.
+
+    Args:
+        session: the conversation.
+        out: where answers and messages are printed.
+        debug: print tracebacks of unexpected errors.
+    """
+
+    def __init__(self, session: ChatSession, out: TextIO | None = None, debug: bool = False) -> None:
+        self.session = session
+        self.out = out or sys.stdout
+        self.debug = debug
+        self.pending: list[Part] = []
+        self.commands = commands(session.lm.layout)
+
+    @property
+    def layout(self) -> VocabLayout:
+        return self.session.lm.layout
 
     # ------------------------------------------------------------------ output helpers
     def say(self, msg: str) -> None:
@@ -139,6 +323,10 @@ class ChatSession:
 
     def error(self, msg: str) -> None:
         self.say(f"error: {msg}")
+
+    def notes(self, notes: Iterable[str]) -> None:
+        for n in notes:
+            self.say(f"note: {n}")
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, line: str) -> bool:
@@ -179,11 +367,11 @@ class ChatSession:
         if cmd in ("/quit", "/exit"):
             return False
         if cmd == "/help":
-            self.say(help_text(self.lm.layout))
-        elif cmd[1:] in self.lm.layout.modalities:
+            self.say(help_text(self.layout))
+        elif cmd[1:] in self.layout.modalities:
             self.attach(cmd[1:], rest)
         elif cmd[1:] in registry.names():
-            self.error(no_modality(self.lm.layout, cmd[1:]))
+            self.error(no_modality(self.layout, cmd[1:]))
         elif cmd == "/voice":
             self.set_voice(rest.strip())
         elif cmd == "/send":
@@ -196,14 +384,14 @@ class ChatSession:
         elif cmd == "/history":
             self.show_history()
         elif cmd == "/reset":
-            self.history.clear()
+            self.session.reset()
             self.pending.clear()
             self.say("(conversation cleared; voice and settings kept)")
         elif cmd == "/save":
             path, _ = split_path_arg(rest)
             if not path:
                 raise ValueError("/save needs a file name, e.g. /save chat.json")
-            self.say(f"saved {self.save(path)}")
+            self.say(f"saved {self.session.save(path)}")
         else:
             self.error(f"unknown command {cmd} (type /help)")
         return True
@@ -213,150 +401,63 @@ class ChatSession:
         path, text = split_path_arg(rest)
         if not path:
             raise ValueError(f"/{modality} needs a file path, e.g. /{modality} {example_file(modality)}")
-        part, notes = self.media.encode_file(modality, path)
-        for n in notes:
-            self.say(f"note: {n}")
+        part, notes = self.session.encode(modality, path)
+        self.notes(notes)
         self.pending.append(part)
-        self.files[id(part)] = str(Path(path).expanduser().resolve())
-        n_ids = len(self.lm.layout.codes_to_ids(modality, part.codes))
-        self.say(f"(attached {modality} {path}: {n_ids} tokens)")
+        self.say(f"(attached {modality} {path}: {self.session.tokens(part)} tokens)")
         if text:
             self.ask(text)
         elif len(self.pending) == 1:
             self.say("(type your message, or an empty line to send the attachment alone)")
 
     def set_voice(self, arg: str) -> None:
+        s = self.session
         if not arg:
-            self.say(f"(voice: {self.voice_path or 'none (the decoder picks one)'})")
+            self.say(f"(voice: {s.voice_path or 'none (the decoder picks one)'})")
             return
         if arg.lower() in ("off", "none"):
-            self.voice, self.voice_path = None, None
+            s.set_voice(None)
             self.say("(voice prompt removed)")
             return
         path, _ = split_path_arg(arg)
-        codes, notes = self.media.voice_prompt(path)
-        for n in notes:
-            self.say(f"note: {n}")
-        self.voice, self.voice_path = codes, path
-        self.say(f"({self.voice_modality} answers will use the voice of {path}: {codes.shape[1]} frames)")
+        self.notes(s.set_voice(path))
+        self.say(f"({s.voice_modality} answers will use the voice of {path}: {s.voice.shape[1]} frames)")
 
     def settings(self, overrides: list[str]) -> None:
+        s = self.session
         if overrides:
-            self.config = replace(self.config, modes=apply_setting_overrides(self.config.modes, overrides))
-        for row in settings_table(self.config.modes):
+            s.config = replace(s.config, modes=apply_setting_overrides(s.config.modes, overrides))
+        for row in settings_table(s.config.modes):
             self.say("  " + "  ".join(f"{k}={v}" for k, v in row.items()))
-        self.say(f"  max_new_tokens={self.config.max_new_tokens}  constrained={self.config.constrained}")
+        self.say(f"  max_new_tokens={s.config.max_new_tokens}  constrained={s.config.constrained}")
 
     def show_history(self) -> None:
-        if not self.history:
+        s = self.session
+        if not s.history:
             self.say("(no turns yet)")
-        for i, turn in enumerate(self.history):
-            self.say(f"  {i + 1:>3} {turn.role:<9} {self.describe_parts(turn.parts)}")
-        if self.dropped_total:
-            self.say(f"  ({self.dropped_total} earlier exchange(s) dropped to fit the context)")
-
-    def describe_parts(self, parts: Iterable[Part], limit: int = 60) -> str:
-        out = []
-        for p in parts:
-            if isinstance(p, Text):
-                t = " ".join(p.text.split())
-                out.append(t if len(t) <= limit else t[: limit - 3] + "...")
-            elif isinstance(p, Media):
-                out.append(f"[{p.modality} {Path(self.files.get(id(p), '')).name or ''}]".replace(" ]", "]"))
-            elif isinstance(p, Marker):
-                out.append(p.token)
-        return " ".join(out)
-
-    def save(self, path: str | Path) -> Path:
-        """The conversation as a conversation row (``id``, ``conversation``): media as file paths,
-        chain-of-modality markers as ``{"marker": ...}`` (the preprocessing input format)."""
-        rows = []
-        for turn in self.history:
-            content: list[dict[str, str]] = []
-            for p in turn.parts:
-                if isinstance(p, Text):
-                    content.append({"text": p.text})
-                elif isinstance(p, Marker):
-                    content.append({"marker": p.token})
-                elif isinstance(p, Media):
-                    content.append({p.modality: self.files.get(id(p), "")})
-            rows.append({"role": turn.role, "content": content})
-        record: dict[str, Any] = {"id": f"chat-{time.strftime('%Y%m%d-%H%M%S')}", "conversation": rows}
-        if self.system:
-            record["system"] = self.system
-        path = Path(path).expanduser()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise OSError(f"cannot save {path}: {e.strerror or e}") from None
-        return path
-
-    # ------------------------------------------------------------------ a turn
-    def _fit(self, user: Turn) -> tuple[np.ndarray, int]:
-        """The prompt for ``history + user``, dropping the oldest exchanges until it leaves room for an
-        answer.  Returns ``(prompt ids, exchanges dropped)``; raises ``ContextError`` when the new
-        turn alone is too long."""
-        fmt = self.lm.generator.format
-        ctx = self.lm.generator.context_length
-        reserve = self.answer_reserve or min(self.config.max_new_tokens, ctx // 2)
-        hist = list(self.history)
-        dropped = 0
-        while True:
-            prompt = fmt.prompt(Conversation(hist + [user], self.system))
-            if len(prompt) + reserve <= ctx or not hist:
-                break
-            hist = hist[2:] if len(hist) >= 2 else []
-            dropped += 1
-        if len(prompt) + MIN_ANSWER_TOKENS > ctx:
-            raise ContextError(f"this turn is {len(prompt)} tokens long; with the model's context of {ctx} there is "
-                               f"no room for an answer (shorten the text or the audio)")
-        if dropped:
-            self.history = hist
-            self.dropped_total += dropped
-        return prompt, dropped
+        for i, turn in enumerate(s.history):
+            self.say(f"  {i + 1:>3} {turn.role:<9} {s.describe_parts(turn.parts)}")
+        if s.dropped_total:
+            self.say(f"  ({s.dropped_total} earlier exchange(s) dropped to fit the context)")
 
     def ask(self, text: str) -> None:
-        """Send the pending attachments plus ``text`` as a user turn and print the answer."""
+        """Send the pending attachments plus ``text`` as a user turn and print the answer as it comes."""
         parts = list(self.pending) + ([Text(text)] if text else [])
         self.pending = []  # a failed or interrupted turn does not leave attachments behind
-        user = Turn("user", parts)
-        prompt, dropped = self._fit(user)
-        if dropped:
-            self.say(f"(context: dropped the oldest {dropped} exchange(s) to stay within "
-                     f"{self.lm.generator.context_length} tokens)")
-        self.out.write("AnyGPT: ")
-        self.out.flush()
-        streamer = ConsoleStreamer(self.lm.tokenizer, self.lm.layout, self.out)
+        printer = ConsolePrinter(self.out)
+        started = False
+
+        def show(e: Event) -> None:
+            nonlocal started
+            if e.kind in ("text", "span_start", "marker", "end") and not started:
+                self.out.write("AnyGPT: ")
+                started = True
+            printer(e)
+
         try:
-            result = self.lm.generator.generate_one(prompt, self.config, streamer)
+            self.session.respond(parts, on_event=show)
         except KeyboardInterrupt:
             self.say("\n(interrupted: the turn was discarded)")
-            return
-        if not streamer.wrote:
-            self.say("(empty answer)")
-        for issue in result.issues:
-            self.say(f"warning: malformed output at {issue}")
-        if result.stop == "budget":
-            self.say(f"(answer cut at {len(result.ids)} tokens: the token budget or the context ran out)")
-        self.turn_no += 1
-        answer = Turn("assistant", result.parts)
-        k = 0
-        for part in answer.parts:
-            if not isinstance(part, Media):
-                continue
-            k += 1
-            try:
-                rendered = self.media.render(part, self.out_dir, f"turn{self.turn_no:03d}-{k}-{part.modality}",
-                                             voice=self.voice if part.modality == self.voice_modality else None)
-            except (ValueError, OSError) as e:
-                self.error(f"cannot render the {part.modality} answer: {str(e).splitlines()[0]}")
-                continue
-            self.files[id(part)] = str(rendered.path.resolve())
-            for n in rendered.notes:
-                self.say(f"note: {n}")
-            self.say(f"-> {rendered.describe()}")
-        self.history += [user, answer]
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -416,12 +517,12 @@ def _setup_readline(history_file: Path | None, names: tuple[str, ...]) -> Callab
     return save
 
 
-def run_chat(session: ChatSession, script: str | None = None, history_file: Path | None = None,
+def run_chat(session: TerminalChat, script: str | None = None, history_file: Path | None = None,
              read_line: Callable[[str], str] | None = None) -> int:
     """Run the REPL until EOF or ``/quit``; returns the exit status (0).
 
     Args:
-        session: the conversation.
+        session: the terminal chat.
         script: ``FILE`` or ``-`` to read lines from a file / stdin (echoed as ``> line``); None for
             interactive input with line editing.
         history_file: readline history for interactive use.

@@ -32,7 +32,9 @@ def _dest(*words: str) -> str:
     return "_".join(w.replace("-", "_") for w in words)
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, out: bool = True) -> None:
+    """The options every command that loads a model for generation shares (``generate``, ``chat``,
+    ``serve``): model and codecs, device, sampling, media limits and rendering; ``--out`` with ``out``."""
     g = p.add_argument_group("model and media")
     g.add_argument("--model", required=True, metavar="HF_DIR",
                    help="model directory: an 'anygpt export' or a released AnyGPT checkpoint")
@@ -43,7 +45,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--soundstorm", default=None, metavar="DIR|FILE.pt|tiny|none",
                    help="speech acoustic decoder: a SoundStorm directory or AnyGPT's released .pt "
                         "(default: MODEL/soundstorm, then CODECS/soundstorm); 'none' renders layer 1 only")
-    g.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"where outputs are written (default: {DEFAULT_OUT})")
+    if out:
+        g.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"where outputs are written (default: {DEFAULT_OUT})")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="LM weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
@@ -91,7 +94,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--instruction", default=None, help="instruction text (default: the first of the training pool)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--no-stream", action="store_true", help="do not print text while it is generated")
-    _add_common(p)
+    add_model_arguments(p)
     p.set_defaults(handler=run_generate)
 
 
@@ -109,14 +112,15 @@ def add_chat_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--history-file", default=str(Path("~/.anygpt_chat_history").expanduser()), metavar="FILE",
                    help="readline history for interactive sessions")
     p.add_argument("--debug", action="store_true", help="print tracebacks of unexpected errors")
-    _add_common(p)
+    add_model_arguments(p)
     p.set_defaults(handler=run_chat_command)
 
 
 # ---------------------------------------------------------------------------------------------- shared
 
 
-def _config(args: argparse.Namespace):
+def generation_config(args: argparse.Namespace):
+    """The sampling settings of the command line (checked before a model is loaded)."""
     from anygpt.infer.settings import GenerationConfig, apply_setting_overrides, default_settings
 
     if args.max_new_tokens < 1:
@@ -126,7 +130,8 @@ def _config(args: argparse.Namespace):
     return cfg.with_greedy() if args.greedy else cfg
 
 
-def _load(args: argparse.Namespace, say) -> tuple[Any, Any]:
+def load_model(args: argparse.Namespace, say) -> tuple[Any, Any]:
+    """The LM and its :class:`~anygpt.infer.mediaio.MediaIO` from the command line; says what it loaded."""
     from anygpt.infer.loading import load_lm
     from anygpt.infer.mediaio import MediaIO, resolve_codecs, resolve_soundstorm, voice_modality
 
@@ -163,7 +168,7 @@ def _render_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _system_prompt(args: argparse.Namespace) -> str | None:
+def system_prompt(args: argparse.Namespace) -> str | None:
     """``--system``, else a ``system_prompt`` recorded in the export's ``anygpt_export.json``."""
     if args.system is not None:
         return args.system or None
@@ -183,8 +188,8 @@ def run_generate(args: argparse.Namespace) -> int:
     tasks = [parse_task(t) for t in args.tasks]  # fail on a malformed task before loading anything
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
-    config = _config(args)
-    lm, media = _load(args, print)
+    config = generation_config(args)
+    lm, media = load_model(args, print)
     results = run_tasks(lm, media, tasks, config, args.out, samples=args.samples, instruction=args.instruction,
                         stream=not args.no_stream)
     if args.json:
@@ -199,21 +204,21 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat_command(args: argparse.Namespace) -> int:
-    from anygpt.infer.chat import ChatSession, run_chat
+    from anygpt.infer.chat import ChatSession, TerminalChat, run_chat
 
     script = args.script
     if script is None and not sys.stdin.isatty():
         script = "-"  # piped input: read it as a script rather than prompting
     if script not in (None, "-") and not Path(script).is_file():
         raise ValueError(f"--script {script}: no such file")
-    config = _config(args)
-    lm, media = _load(args, print)
-    session = ChatSession(lm, media, config, args.out, system=_system_prompt(args),
-                          answer_reserve=args.answer_reserve, debug=args.debug)
+    config = generation_config(args)
+    lm, media = load_model(args, print)
+    session = ChatSession(lm, media, config, args.out, system=system_prompt(args), answer_reserve=args.answer_reserve)
+    chat = TerminalChat(session, debug=args.debug)
     if script is None:
         print("Chat with the model; /help lists commands, Ctrl-D or /quit leaves.")
     history = Path(args.history_file) if args.history_file else None
-    return run_chat(session, script=script, history_file=history)
+    return run_chat(chat, script=script, history_file=history)
 
 
 def main(argv: list[str] | None = None, command: str = "chat") -> int:

@@ -18,7 +18,10 @@ Rules (``constrained=True``):
   boundary; other spans (speech) end anywhere after one id;
 - a span is capped at its mode's ``max_tokens`` and at what the budget leaves for closing it, so
   even a budget cut yields a closed span and a final ``<eom>``;
-- ``require=M``: the answer is exactly ``<so*> ... <eo*> <eom>`` of modality ``M``.
+- ``require=M``: the answer is exactly ``<so*> ... <eo*> <eom>`` of modality ``M``;
+- ``include=(M, ...)``: the answer holds at least one span of each (text may come first, as in the
+  OpenAI API's ``modalities: ["text", "audio"]``): ``<eom>`` is masked until each was opened, room
+  for them is kept, and a span start is forced when the budget has only that room left.
 
 Unconstrained (``constrained=False``) the state machine still runs, to switch sampling settings at
 span starts, but masks nothing except stop tokens before ``min_new_tokens``; whatever malformed
@@ -127,23 +130,39 @@ class ConstraintMasks:
             return ("eom",)
         if cfg.require is not None:
             return ("start", cfg.require)
+        needed = self.needed(s)
+        if needed and r <= self._reserve(s):
+            return ("start", needed[0])  # the last moment a required span still fits whole
         outputs = cfg.outputs
         starts = tuple(sorted(
             name for name, m in self.layout.modalities.items()
-            if (outputs is None or name in outputs) and r >= min_span_ids(m) + 3
+            if (outputs is None or name in outputs) and r - self._reserve(s, name) >= min_span_ids(m) + 3
             and self._span_limit(s, m, r - 1) >= min_span_ids(m)
         ))
         allow_text = (outputs is None or TEXT in outputs) and s.text_tokens < cfg.settings(TEXT).max_tokens
         if not allow_text and not starts:
             return ("eom",)
+        allow_stop = allow_stop and not needed
         # Chain-of-modality markers belong to free (chat) answers, not to a task's plain text.
         return ("text", allow_text, allow_text and outputs is None, starts, allow_stop)
+
+    def needed(self, s: RowState) -> list[str]:
+        """The modalities of ``config.include`` that row ``s`` has not opened a span of yet."""
+        return [n for n in s.config.include if n not in s.spans]
+
+    def _reserve(self, s: RowState, opening: str | None = None) -> int:
+        """Ids the still-needed spans take at least (start, minimal body, end each) plus ``<eom>``,
+        leaving out the span of ``opening`` (the one being opened now).  0 when none is needed."""
+        rest = [n for n in self.needed(s) if n != opening]
+        if not rest:
+            return 0
+        return sum(min_span_ids(self.layout.modalities[n]) + 2 for n in rest) + 1
 
     def _span_limit(self, s: RowState, m: ModalitySpec, remaining_after_start: int) -> int:
         """Most ids a span of ``m`` opened now may hold: its setting, minus room for end + ``<eom>``."""
         if m.span_length is not None:
             return m.span_length * m.num_codebooks
-        cap = min(s.config.settings(m.name).max_tokens, remaining_after_start - 2)
+        cap = min(s.config.settings(m.name).max_tokens, remaining_after_start - 2 - self._reserve(s, m.name))
         return cap - cap % m.num_codebooks
 
     # ------------------------------------------------------------------ masks

@@ -13,12 +13,14 @@ exactly what it would alone (up to float rounding).
 """
 from __future__ import annotations
 
+import inspect
 import random
 import re
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence, TextIO
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
 
 import numpy as np
 import torch
@@ -63,6 +65,24 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = "auto") -
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16")
     return names[dtype]
+
+
+# ------------------------------------------------------------------------------------------ KV cache
+
+
+def cache_argument(model: Any) -> str:
+    """The ``forward`` keyword that takes the KV cache: ``cache`` in current transformers (5.2x), where
+    ``past_key_values`` still works but warns at every call; ``past_key_values`` in older releases."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def new_cache(model: Any) -> Any:
+    """An empty ``DynamicCache`` laid out from the model's config (the model fills it in place, so
+    the same object is passed back at every step and never read from the output)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -171,45 +191,109 @@ class Streamer:
     def on_end(self, row: int, stop: str) -> None: ...
 
 
-class ConsoleStreamer(Streamer):
-    """Prints row ``row`` (default 0) of a generation to ``out`` as it happens.
+@dataclass(frozen=True)
+class Event:
+    """One piece of an answer, in the order it happened (what the terminal prints, the page shows
+    and the API returns or streams).
 
-    Spans show as ``[image ...]`` while they are generated and ``[image: 32 ids]`` when closed; the
-    chain-of-modality markers start a new line labelled ``(transcript)`` / ``(reply)``.
+    Attributes:
+        kind: ``text`` (a delta of the answer's text), ``marker`` (a chain-of-modality marker, ``text``
+            holds the token), ``span_start`` / ``span_end`` (a media span of ``modality``; ``ids``:
+            its length, ``broken``: cut off unconstrained), ``end`` (generation finished, ``text`` holds
+            why: eom/budget/...), ``file`` (a generated span written to ``path``, ``seconds`` long),
+            ``info`` (a session notice: context trimmed, answer cut), ``note`` (about media: a clip
+            cut to the limit, a missing decoder), ``warning`` (malformed output), ``error`` (a span
+            that could not be rendered).
+    """
+
+    kind: str
+    text: str = ""
+    modality: str | None = None
+    path: Path | None = None
+    seconds: float | None = None
+    ids: int = 0
+    broken: bool = False
+
+
+class EventStreamer(Streamer):
+    """Turns the generation callbacks of row ``row`` into :class:`Event` objects for ``emit``."""
+
+    def __init__(self, tokenizer: Any, layout: VocabLayout, emit: Callable[[Event], None], row: int = 0):
+        super().__init__(tokenizer, layout)
+        self.emit = emit
+        self.row = row
+
+    def on_text(self, row: int, text: str) -> None:
+        if row == self.row:
+            self.emit(Event("text", text))
+
+    def on_span_start(self, row: int, modality: str) -> None:
+        if row == self.row:
+            self.emit(Event("span_start", modality=modality))
+
+    def on_span_end(self, row: int, modality: str, num_ids: int, broken: bool = False) -> None:
+        if row == self.row:
+            self.emit(Event("span_end", modality=modality, ids=num_ids, broken=broken))
+
+    def on_marker(self, row: int, token: str) -> None:
+        if row == self.row:
+            self.emit(Event("marker", token))
+
+    def on_end(self, row: int, stop: str) -> None:
+        if row == self.row:
+            self.emit(Event("end", stop))
+
+
+class ConsolePrinter:
+    """Prints events to ``out`` as they come (the terminal's view of an answer).
+
+    Spans show as ``[image ...]`` while they are generated and ``[image 32 ids]`` when closed; the
+    chain-of-modality markers start a new line labelled ``(transcript)`` / ``(reply)``; files as
+    ``-> image: PATH``; notices as ``(...)``, ``note:``, ``warning:``, ``error:`` lines.
     """
 
     MARKERS = {"<-Ins->": "(transcript) ", "<-Res->": "(reply) "}
+    LINES = {"info": "({})", "note": "note: {}", "warning": "warning: {}", "error": "error: {}"}
 
-    def __init__(self, tokenizer: Any, layout: VocabLayout, out: TextIO | None = None, row: int = 0):
-        super().__init__(tokenizer, layout)
+    def __init__(self, out: TextIO | None = None):
         self.out = out or sys.stdout
-        self.row = row
-        self.wrote = False
+        self.wrote = False  # any of the answer itself (text, spans, markers) was printed
 
     def _write(self, text: str) -> None:
         self.out.write(text)
         self.out.flush()
-        self.wrote = True
 
-    def on_text(self, row: int, text: str) -> None:
-        if row == self.row:
-            self._write(text)
+    def __call__(self, e: Event) -> None:
+        if e.kind in ("text", "span_start", "span_end", "marker"):
+            if e.kind == "text":
+                self._write(e.text)
+            elif e.kind == "span_start":
+                self._write(f"[{e.modality} ")
+            elif e.kind == "span_end":
+                self._write(f"{e.ids} ids{' (unclosed)' if e.broken else ''}]")
+            else:
+                self._write(("\n" if self.wrote else "") + self.MARKERS.get(e.text, e.text))
+            self.wrote = True
+        elif e.kind == "end":
+            if self.wrote:
+                self._write("\n")
+        elif e.kind == "file":
+            extra = f" ({e.seconds:.1f} s)" if e.seconds is not None else ""
+            self._write(f"-> {e.modality}: {e.path}{extra}\n")
+        elif e.kind in self.LINES:
+            self._write(self.LINES[e.kind].format(e.text) + "\n")
 
-    def on_span_start(self, row: int, modality: str) -> None:
-        if row == self.row:
-            self._write(f"[{modality} ")
 
-    def on_span_end(self, row: int, modality: str, num_ids: int, broken: bool = False) -> None:
-        if row == self.row:
-            self._write(f"{num_ids} ids{' (unclosed)' if broken else ''}]")
+class ConsoleStreamer(EventStreamer):
+    """Prints row ``row`` (default 0) of a generation to ``out`` as it happens (a :class:`ConsolePrinter`)."""
 
-    def on_marker(self, row: int, token: str) -> None:
-        if row == self.row:
-            self._write(("\n" if self.wrote else "") + self.MARKERS.get(token, token))
+    def __init__(self, tokenizer: Any, layout: VocabLayout, out: TextIO | None = None, row: int = 0):
+        self.printer = ConsolePrinter(out)
+        super().__init__(tokenizer, layout, self.printer, row)
 
-    def on_end(self, row: int, stop: str) -> None:
-        if row == self.row and self.wrote:
-            self._write("\n")
+    @property
+    def wrote(self) -> bool:
+        return self.printer.wrote
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -282,6 +366,7 @@ class Generator:
         specials = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
                     "unk": tokenizer.unk_token_id, "pad": tokenizer.pad_token_id}
         self.masks = ConstraintMasks(layout, vocab, specials, self.device)
+        self._cache_kw = cache_argument(model)
         self.last_seed: int | None = None
         self.last_stats = GenerationStats()
 
@@ -292,22 +377,26 @@ class Generator:
     def budget(self, prompt_length: int, config: GenerationConfig) -> int:
         """Ids a prompt of this length may still generate: ``max_new_tokens`` capped by the context.
 
-        A required modality must fit whole (start, minimal span, end, ``<eom>``), else ``ContextError``.
+        Required modalities (``require``/``include``) must fit whole (start, minimal span, end each, then
+        ``<eom>``), else ``ContextError``.
         """
         room = self.context_length - prompt_length
         if room < 1:
             raise ContextError(f"the prompt has {prompt_length} tokens and fills the model's context of "
                                f"{self.context_length}")
         budget = min(config.max_new_tokens, room)
-        if config.constrained and config.require is not None:
-            m = self.layout.modality(config.require)
-            need = min_span_ids(m) + 3
-            if m.span_length is None and config.settings(m.name).max_tokens < min_span_ids(m):
-                raise ValueError(f"{m.name}.max_tokens {config.settings(m.name).max_tokens} is below one frame "
-                                 f"({min_span_ids(m)} ids)")
+        wanted = [config.require] if config.require is not None else list(config.include)
+        if config.constrained and wanted:
+            need = 1
+            for name in wanted:
+                m = self.layout.modality(name)
+                need += min_span_ids(m) + 2
+                if m.span_length is None and config.settings(m.name).max_tokens < min_span_ids(m):
+                    raise ValueError(f"{m.name}.max_tokens {config.settings(m.name).max_tokens} is below one frame "
+                                     f"({min_span_ids(m)} ids)")
             if budget < need:
-                raise ContextError(f"a {config.require} answer needs {need} tokens but only {budget} are available "
-                                   f"(max_new_tokens {config.max_new_tokens}, context {self.context_length})")
+                raise ContextError(f"a {' and '.join(wanted)} answer needs {need} tokens but only {budget} are "
+                                   f"available (max_new_tokens {config.max_new_tokens}, context {self.context_length})")
         return budget
 
     @torch.inference_mode()
@@ -413,9 +502,12 @@ class Generator:
 
     def _forward(self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, cache: Any,
                  use_cache: bool) -> tuple[torch.Tensor, Any]:
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                         use_cache=use_cache, logits_to_keep=1)
-        return out.logits[:, -1, :], (out.past_key_values if use_cache else None)
+        if use_cache and cache is None:
+            cache = new_cache(self.model)
+        extra = {self._cache_kw: cache} if use_cache else {}
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=use_cache,
+                         logits_to_keep=1, **extra)
+        return out.logits[:, -1, :], cache  # the cache object is updated in place
 
     # ------------------------------------------------------------------ conveniences
     def generate_one(self, prompt: Sequence[int] | np.ndarray, config: GenerationConfig | None = None,

@@ -30,7 +30,7 @@ from anygpt import modalities as registry
 from anygpt.decoders.soundstorm import SoundStorm, SoundStormConfig
 from anygpt.formats import Media
 from anygpt.layout import VocabLayout
-from anygpt.modalities.plugin import Modality, ReadOptions
+from anygpt.modalities.plugin import AudioModality, Modality, ReadOptions
 
 # The key of the voice prompt's input limit in ``MediaIO.max_seconds`` (``--max-voice-seconds``).
 VOICE = "voice"
@@ -301,6 +301,34 @@ class MediaIO:
         codec = self.codec(m)
         path = plugin.write(unique_path(directory, stem, plugin.output_suffix), item, codec)
         return Rendered(m, Path(path), plugin.seconds(item, codec), notes)
+
+
+def modality_for_file(layout: VocabLayout, suffix: str, family: type[Modality] = Modality) -> str:
+    """The modality of ``layout`` that reads files ending in ``suffix`` (a page upload, an API part).
+
+    Among several (a ``.wav`` is speech or music), the one whose paired text is a transcript: spoken
+    audio is what a microphone records and what the OpenAI API's ``input_audio`` carries.  ``family``
+    narrows the candidates to one plugin family (``ImageModality`` for an ``image_url`` part).
+    Raises ``MediaInputError`` naming the suffixes the model does read.
+    """
+    ext = suffix.lower() if suffix.startswith(".") else f".{suffix.lower()}"
+    plugins = {m: registry.get(m) for m in layout.modalities}
+    owners = [m for m, p in plugins.items() if ext in p.suffixes and isinstance(p, family)]
+    if not owners:
+        readable = sorted({x for p in plugins.values() if isinstance(p, family) for x in p.suffixes})
+        raise MediaInputError(f"this model reads no {ext or 'suffix-less'} files"
+                              + (f" here (it reads: {' '.join(readable)})" if readable else ""))
+    spoken = [m for m in owners if plugins[m].text_kind == "transcript"]
+    return (spoken or owners)[0]
+
+
+def spoken_modality(layout: VocabLayout) -> str | None:
+    """The layout's audio modality whose paired text is a transcript (speech), or None."""
+    for m in layout.modalities:
+        plugin = registry.get(m)
+        if isinstance(plugin, AudioModality) and plugin.text_kind == "transcript":
+            return m
+    return None
 
 
 def no_modality(layout: VocabLayout, modality: str) -> str:

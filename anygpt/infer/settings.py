@@ -95,6 +95,8 @@ class GenerationConfig:
         outputs: what the answer may contain: ``None`` = text and every modality; else a subset of
             ``("text", "image", ...)``.  A task asking for one modality sets ``require`` too.
         require: the answer must be exactly one span of this modality (base-model tasks ``text|image``).
+        include: modalities the answer must hold at least one span of, text allowed too (the
+            OpenAI API's ``modalities: ["text", "audio"]``).
         min_new_tokens: ``<eom>`` (and, unconstrained, every stop token) is masked until this many
             ids were generated (benchmarks; AnyGPT's release used 10).
         seed: sampling seed (None = fresh randomness).
@@ -105,6 +107,7 @@ class GenerationConfig:
     constrained: bool = True
     outputs: tuple[str, ...] | None = None
     require: str | None = None
+    include: tuple[str, ...] = ()
     min_new_tokens: int = 0
     seed: int | None = None
 
