@@ -101,6 +101,73 @@ def judge_codes(spec: ModalitySpec, codes: list[np.ndarray]) -> tuple[list[np.nd
     return out, size * max((c.shape[-1] for c in codes), default=1)
 
 
+class AttributeJudge:
+    """The text->X judge of :func:`evaluate_synthetic` for one answer at a time (the alignment stage's
+    ``judge`` reward): the attributes of the nearest reference, as a fraction of those asked for.
+
+    Same references (:func:`_references`), same per-slot symbols (:func:`judge_codes`) and the same
+    cosine of per-codebook code histograms as the evaluation, so an answer scores here exactly what
+    it scores in ``report.json``; the reference features are computed once, over the symbols the
+    references use (an image's symbols are ``slot x code``: a dense histogram would have 262k bins),
+    with each answer's norm taken over all of its symbols so the cosine is unchanged.
+
+    Args:
+        layout: the model's vocabulary layout.
+        codecs: modality -> codec (the demo's fitted codecs).
+        shards_root: the demo's ``shards/`` (training items join the references).
+        modalities: which demo modalities to judge (default: the demo's that the layout has).
+    """
+
+    def __init__(self, layout: VocabLayout, codecs: dict[str, Any], shards_root: Path,
+                 modalities: Sequence[str] | None = None, max_train: int = 400):
+        self.layout = layout
+        self.modalities = tuple(m for m in (modalities or demo_modalities()) if m in layout.modalities)
+        self._refs: dict[str, tuple[np.ndarray, dict[int, int], list[dict]]] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for m in self.modalities:
+                codes, attrs = _references(m, codecs[m], layout, Path(tmp), Path(shards_root), max_train)
+                refs_j, _ = judge_codes(layout.modality(m), codes)
+                k = min(r.shape[0] for r in refs_j)
+                vocab = sorted({int(x) for r in refs_j for x in np.unique(r[:k])})
+                index = {c: i for i, c in enumerate(vocab)}
+                feats = np.stack([self._features(r[:k], index) for r in refs_j])
+                self._refs[m] = (feats, index, attrs)
+
+    @staticmethod
+    def _features(codes: np.ndarray, index: dict[int, int]) -> np.ndarray:
+        """``[K, V]`` per-codebook histograms over ``index``'s symbols, each divided by the norm of the
+        codebook's full histogram (symbols outside ``index`` count in the norm only)."""
+        out = np.zeros((codes.shape[0], len(index)), dtype=np.float64)
+        for k, row in enumerate(codes):
+            if not row.size:
+                continue
+            values, counts = np.unique(row, return_counts=True)
+            norm = float(np.sqrt((counts.astype(np.float64) ** 2).sum()))
+            for v, c in zip(values.tolist(), counts.tolist()):
+                if v in index:
+                    out[k, index[v]] = c / norm
+        return out
+
+    def score(self, modality: str, texts: Sequence[str], codes: Sequence[np.ndarray | None]) -> list[float]:
+        """Per answer: the fraction of the attributes its text asks for that the nearest reference
+        has (0 for an empty answer or a text that names no attribute)."""
+        feats, index, attrs = self._refs[modality]
+        spec = self.layout.modality(modality)
+        k = feats.shape[1]
+        out = []
+        for text, c in zip(texts, codes):
+            wanted = parse_attributes(modality, text)
+            if c is None or np.asarray(c).size == 0 or not wanted:
+                out.append(0.0)
+                continue
+            (gen,), _ = judge_codes(spec, [np.asarray(c, dtype=np.int64)[:k]])
+            f = self._features(gen[:k], index)
+            best = int(np.argmax(np.einsum("rkv,kv->r", feats, f)))  # first of ties, as the evaluation
+            got = attrs[best]
+            out.append(sum(got.get(a) == v for a, v in wanted.items()) / len(wanted))
+        return out
+
+
 def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_items: int = 48,
                        batch_size: int = 8, seed: int = 0,
                        sampling: Sequence[str] = SYNTHETIC_SAMPLING) -> dict[str, Any]:
@@ -205,5 +272,5 @@ def write_eval_suite(demo_dir: str | Path) -> Path:
     return path
 
 
-__all__ = ["score_demo", "evaluate_synthetic", "summary_table", "judge_codes", "shard_items", "write_eval_suite",
+__all__ = ["AttributeJudge", "score_demo", "evaluate_synthetic", "summary_table", "judge_codes", "shard_items", "write_eval_suite",
            "SYNTHETIC_SAMPLING", "EVAL_SUITE"]
