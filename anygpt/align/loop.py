@@ -155,8 +155,6 @@ class AlignTrainer:
 
             self.reference = AutoModelForCausalLM.from_pretrained(cfg.model.name, dtype=dtype, local_files_only=True)
             self.reference = self.reference.to(rt.device).eval().requires_grad_(False)
-        self.bundle = build_engine(_engine_cfg(cfg), plan.source, self.tokenizer, self.layout, plan.ds_config, rt)
-        self.engine = self.bundle.engine
         media = None
         if cfg.model.codecs:
             media = MediaIO(self.layout, cfg.model.codecs if cfg.model.codecs == "tiny" else Path(cfg.model.codecs),
@@ -174,6 +172,10 @@ class AlignTrainer:
             context = RewardContext(self.layout, Path(cfg.model.name), cfg.model.codecs, rt.device, cfg.run.seed)
             self.reward = build_rewards(a.rewards, a.guards, context)
             self.reward.check_modalities(sorted({p.modality for p in self.prompts}))
+        # Last: while the engine's ZeRO-3 config is alive, transformers would build every model (the
+        # rewards' codecs and ASR models, the replica, the reference) partitioned, so they come first.
+        self.bundle = build_engine(_engine_cfg(cfg), plan.source, self.tokenizer, self.layout, plan.ds_config, rt)
+        self.engine = self.bundle.engine
         self.sampling = GenerationConfig(max_new_tokens=a.max_new_tokens)
         self.sampling.modes = apply_setting_overrides(self.sampling.modes, a.sampling)
         self.ckpts = CheckpointManager(self.run_dir, cfg.run.keep_last, rt.rank, rt.world_size, barrier)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -69,11 +70,43 @@ def _attribute_hits(scores: dict, ref_attrs: list[dict], wanted: list[dict]) -> 
     return out
 
 
+REFERENCE_CACHE = "judge_references"  # DIR/judge_references/<modality>.npz
+
+
+def _fingerprint(modality: str, codec: Any, layout: VocabLayout, shards_root: Path, max_train: int) -> str:
+    """What the references depend on: the codec's weights, the layout's range, the training shards."""
+    import hashlib
+
+    h = hashlib.sha1(json.dumps([modality, layout.modality(modality).num_codebooks, max_train]).encode())
+    for name, t in sorted(codec.state_dict().items()):  # a Codec is a torch module
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for tar in sorted((shards_root / f"train_{modality}").glob("*.tar")):
+        h.update(f"{tar.name}:{tar.stat().st_size}".encode())
+    return h.hexdigest()
+
+
 def _references(modality: str, codec: Any, layout: VocabLayout, work: Path, shards_root: Path,
                 max_train: int = 400) -> tuple[list[np.ndarray], list[dict]]:
     """Reference codes with their attributes: one rendering of *every* grammar combination (held-out
     ones included), read back with the plugin's reader, plus up to ``max_train`` training items (the
-    codec's real spread of renderings)."""
+    codec's real spread of renderings).
+
+    Kept in ``DIR/judge_references/<modality>.npz`` (next to ``DIR/shards``) under a fingerprint of
+    the codec's weights and the training shards: rendering and encoding them is the slow part of the
+    judge (60 spoken sentences through the speech codec take ~30 s on 2 cores), and the demo's
+    evaluation and its alignment stage's judge reward use the same references.
+    """
+    cache = Path(shards_root).parent / REFERENCE_CACHE / f"{modality}.npz"
+    key = _fingerprint(modality, codec, layout, Path(shards_root), max_train)
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                if str(z["key"]) == key:
+                    attrs = json.loads(str(z["attrs"]))
+                    return [z[f"c{i}"] for i in range(len(attrs))], attrs
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable or stale: computed again and rewritten
     combos = all_combinations(modality)
     suffix = registry.get(modality).output_suffix
     paths = [render_reference(modality, describe(modality, c), work / f"{modality}-{i}{suffix}")
@@ -84,6 +117,14 @@ def _references(modality: str, codec: Any, layout: VocabLayout, work: Path, shar
     for _, text, c in shard_items(shards_root / f"train_{modality}", modality, max_train):
         codes.append(c[:k])
         attrs.append(parse_attributes(modality, text))
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.stem}-{os.getpid()}.npz")
+        np.savez(tmp, key=np.array(key), attrs=np.array(json.dumps(attrs)),
+                 **{f"c{i}": np.asarray(c, dtype=np.int64) for i, c in enumerate(codes)})
+        os.replace(tmp, cache)  # several processes may write it; readers see a whole file
+    except OSError:
+        pass  # a read-only demo directory: no cache, same references
     return codes, attrs
 
 
@@ -170,11 +211,11 @@ class AttributeJudge:
 
 def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_items: int = 48,
                        batch_size: int = 8, seed: int = 0,
-                       sampling: Sequence[str] = SYNTHETIC_SAMPLING) -> dict[str, Any]:
+                       sampling: Sequence[str] = SYNTHETIC_SAMPLING, text2x_only: bool = False) -> dict[str, Any]:
     """Score both directions of every demo modality the model's layout has on ``n_items`` held-out test
     items per direction (half of them novel attribute combinations, half new renderings of seen ones)
     from the demo's test shards.  ``sampling``: ``MODE.FIELD=VALUE`` overrides of the text->X sampling
-    settings."""
+    settings; ``text2x_only``: skip the X->text directions (the alignment stage's before/after)."""
     # X->text is scored greedily (one best caption).  text->X samples with the per-modality defaults
     # (seeded): the argmax of every code slot is the majority code (background), so greedy media
     # collapse to one mode, while samples follow the model's conditional distribution.
@@ -193,17 +234,19 @@ def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_ite
             keys = [key for key, _, _ in items]
             texts = [t for _, t, _ in items]
             spec = lm.layout.modality(m)
-            # X -> text
-            t0 = time.perf_counter()
-            preds = answer_text(lm, m, [codes for _, _, codes in items], base, batch_size)
-            scores = attribute_accuracy(m, preds, texts)
             novel = [i for i, key in enumerate(keys) if "novel" in key]
             seen = [i for i in range(len(keys)) if i not in set(novel)]
-            scores["by_split"] = {name: attribute_accuracy(m, [preds[i] for i in idx], [texts[i] for i in idx])["score"]
-                                  for name, idx in (("novel", novel), ("seen", seen)) if idx}
-            results[f"{m}2text"] = {**scores, "examples": [{"reference": r, "prediction": p} for r, p in
-                                                          zip(texts[:5], preds[:5])],
-                                    "seconds": round(time.perf_counter() - t0, 1)}
+            # X -> text
+            t0 = time.perf_counter()
+            if not text2x_only:
+                preds = answer_text(lm, m, [codes for _, _, codes in items], base, batch_size)
+                scores = attribute_accuracy(m, preds, texts)
+                scores["by_split"] = {name: attribute_accuracy(m, [preds[i] for i in idx],
+                                                               [texts[i] for i in idx])["score"]
+                                      for name, idx in (("novel", novel), ("seen", seen)) if idx}
+                results[f"{m}2text"] = {**scores, "examples": [{"reference": r, "prediction": p} for r, p in
+                                                              zip(texts[:5], preds[:5])],
+                                        "seconds": round(time.perf_counter() - t0, 1)}
             # text -> X
             t0 = time.perf_counter()
             refs, ref_attrs = _references(m, codecs[m], lm.layout, Path(tmp), shards_root)
