@@ -358,9 +358,9 @@ def _check_asr(opts: dict, where: str, context: RewardContext) -> None:
         if o[key] < 0 or (key == "tau_n" and o[key] == 0):
             raise ConfigError(f"{where}.{key}: must be {'> 0' if key == 'tau_n' else '>= 0'}, got {o[key]}")
     try:
-        check_asr_dir(o["model"], o["language"], o["task"])
+        check_asr_dir(o["model"], o["language"], o["task"], where=f"{where}.model")
     except ValueError as e:
-        raise ConfigError(f"{where}.model: {e}") from None
+        raise ConfigError(str(e)) from None
     mods = _asr_modalities(context.layout, o["modalities"])
     if not mods:
         raise ConfigError(f"{where}.modalities: the model has no modality whose text is a transcript")
@@ -381,9 +381,14 @@ class AsrReward(Reward):
 
         self.o = o
         self.modalities = _asr_modalities(context.layout, o["modalities"])
-        self.asr = load_asr(o["model"], context.device, o["language"], o["task"])
+        self.asr = load_asr(o["model"], context.device, o["language"], o["task"], where="asr reward model")
         codecs = context.codecs if context.codecs == "tiny" else Path(context.codecs)
         self.media = MediaIO(context.layout, codecs, _soundstorm_source(o, context), context.device, seed=context.seed)
+        # Loaded now, not on first use: the trainer builds rewards before the ZeRO-3 engine exists (under it
+        # transformers would partition these models).
+        for m in self.modalities:
+            self.media.codec(m)
+        self.media.soundstorm()
 
     def score(self, samples: Sequence[Sample]) -> list[dict[str, float]]:
         import jiwer

@@ -47,12 +47,17 @@ class ASRSpec:
     architecture: str
 
 
-def check_asr_dir(asr_model: str | Path, where: str = "--asr-model") -> ASRSpec:
+def check_asr_dir(asr_model: str | Path, language: str | None = "en", task: str = "transcribe",
+                  where: str = "--asr-model") -> ASRSpec:
     """Validate a local ASR model directory before any work; :class:`ASRError` (one line) otherwise.
 
     Args:
         asr_model: the directory (nothing is ever downloaded).
-        where: how the caller names the setting in messages (``--asr-model``, ``rewards[0].params.model``).
+        language, task: what Whisper will be told; a multilingual Whisper must know both (its
+            ``generation_config.json``), an English-only one takes none (both are then ignored, as
+            for CTC models).
+        where: how the caller names the setting in messages (``--asr-model``,
+            ``align.rewards[0].options.model``).
     """
     from transformers import AutoFeatureExtractor, AutoTokenizer
 
@@ -92,7 +97,31 @@ def check_asr_dir(asr_model: str | Path, where: str = "--asr-model") -> ASRSpec:
         raise ASRError(f"{where} {path}: no feature extractor (preprocessor_config.json; {type(e).__name__})") from None
     if not getattr(fe, "sampling_rate", None):
         raise ASRError(f"{where} {path}: the feature extractor has no sampling_rate")
+    if kind == "whisper":
+        _check_whisper_language(path, language, task, where)
     return ASRSpec(path, kind, arch)
+
+
+def _check_whisper_language(path: Path, language: str | None, task: str, where: str) -> None:
+    """A multilingual Whisper must know ``language`` (code ``en`` or name ``english``) and ``task``."""
+    try:
+        gen = json.loads((path / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no generation config: transformers' defaults decide (English-only behaviour)
+    langs = gen.get("lang_to_id") or {}
+    if not (gen.get("is_multilingual") or langs):
+        return  # English-only checkpoint: no language or task token
+    tasks = gen.get("task_to_id") or {}
+    if tasks and task not in tasks:
+        raise ASRError(f"{where} {path}: task {task!r} unknown to this Whisper (known: {', '.join(sorted(tasks))})")
+    if language is None:
+        return
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    code = language.lower()
+    code = TO_LANGUAGE_CODE.get(code, code)
+    if code not in LANGUAGES or (langs and f"<|{code}|>" not in langs):
+        raise ASRError(f"{where} {path}: language {language!r} unknown to this Whisper (e.g. en, english, de)")
 
 
 class ASRModel:
@@ -173,7 +202,10 @@ class ASRModel:
         for i in range(0, len(waves), batch_size):
             inputs = self._features(waves[i: i + batch_size])
             if self.kind == "whisper":
-                ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **self.generate_kwargs)
+                # The decoder's context (448 for released Whispers) holds the forced prefix too.
+                room = int(getattr(self.model.config, "max_target_positions", 448)) - len(self.tokenizer.prefix_tokens) - 1
+                ids = self.model.generate(**inputs, max_new_tokens=max(1, min(self.max_new_tokens, room)),
+                                          **self.generate_kwargs)
                 out += [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
             else:
                 ids = self.model(**inputs).logits.argmax(-1)
@@ -235,7 +267,7 @@ class ASRModel:
 def load_asr(asr_model: str | Path | ASRSpec, device: torch.device | str = "cpu", language: str | None = "en",
              task: str = "transcribe", where: str = "--asr-model") -> ASRModel:
     """Check and load a local ASR model directory (:func:`check_asr_dir`, then :class:`ASRModel`)."""
-    spec = asr_model if isinstance(asr_model, ASRSpec) else check_asr_dir(asr_model, where)
+    spec = asr_model if isinstance(asr_model, ASRSpec) else check_asr_dir(asr_model, language, task, where)
     return ASRModel(spec, device, language=language, task=task)
 
 

@@ -103,7 +103,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.asr_model is not None and "tts" in tasks:
             from anygpt.eval.asr import check_asr_dir
 
-            check_asr_dir(args.asr_model, args.asr_language)
+            check_asr_dir(args.asr_model, args.asr_language)  # language: told to Whisper, checked here
     data = args.data
     if Path(data).is_dir():
         data = str(Path(data) / "*.tar")
