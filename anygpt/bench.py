@@ -42,7 +42,14 @@ def _infer() -> dict:
     return bench_infer(model="tiny", context=512)
 
 
-BENCHES: dict[str, Callable[[], dict]] = {"codecs": _codecs, "data": _data, "train": _train, "infer": _infer}
+def _align() -> dict:
+    from anygpt.align.bench import bench_align
+
+    return bench_align()
+
+
+BENCHES: dict[str, Callable[[], dict]] = {"codecs": _codecs, "data": _data, "train": _train, "infer": _infer,
+                                          "align": _align}
 
 
 def ratios(result: Any, prefix: str = "") -> dict[str, float]:
@@ -88,9 +95,9 @@ def machine() -> dict[str, Any]:
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run the benchmarks (codecs, data, train, infer) and print one table")
+    p = sub.add_parser("bench", help="run the benchmarks (codecs, data, train, infer, align) and print one table")
     # No argparse `choices` here: with nargs="*" it rejects the empty default (a known argparse quirk).
-    p.add_argument("which", nargs="*", metavar="{codecs,data,train,infer}",
+    p.add_argument("which", nargs="*", metavar="{codecs,data,train,infer,align}",
                    help=f"subset to run (default: all of {', '.join(BENCHES)})")
     p.add_argument("--json", default=None, help="write results, ratios, machine and package versions here")
     p.set_defaults(handler=run_bench)

@@ -20,6 +20,7 @@ sequence count (leave it at 1, or set exactly that value).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -221,6 +222,7 @@ class AlignConfig:
 def load_align_config(path: str | Path | None, overrides: list[str] | None = None,
                       base: dict | None = None) -> AlignConfig:
     """YAML file (or ``base`` mapping) + dotted overrides -> validated :class:`AlignConfig`."""
-    data = load_yaml(path) if path is not None else dict(base or {})
+    # A deep copy: overrides write into nested sections, and the caller's mapping must stay as it was.
+    data = load_yaml(path) if path is not None else copy.deepcopy(dict(base or {}))
     data = apply_overrides(data, list(overrides or []))
     return from_dict(AlignConfig, data).validate()
