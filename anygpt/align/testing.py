@@ -1,8 +1,8 @@
 """Tiny random speech recognition model directories, saved the way real ones are (for tests and benches).
 
-``tiny_whisper_dir(dir)`` writes a multilingual-style Whisper (``WhisperForConditionalGeneration`` with
-a byte-level BPE tokenizer whose special tokens include ``<|startoftranscript|>``, two languages and
-both tasks, a ``WhisperFeatureExtractor`` at 16 kHz and a generation config with ``lang_to_id`` /
+``tiny_whisper_dir(dir)`` writes a multilingual Whisper (``WhisperForConditionalGeneration`` with
+a byte-level BPE tokenizer whose special tokens are the released ones: ``<|startoftranscript|>``, every
+language, both tasks, ``<|notimestamps|>``...), a ``WhisperFeatureExtractor`` at 16 kHz and a generation config with ``lang_to_id`` /
 ``task_to_id``), ``tiny_ctc_dir(dir)`` a wav2vec 2.0 CTC model with a character vocabulary: the files
 ``openai/whisper-*`` and ``facebook/wav2vec2-base-960h`` hold, at a size that loads in a second.
 Their transcripts are gibberish; the code paths are the real ones.
@@ -12,8 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-WHISPER_SPECIALS = ("<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|de|>", "<|translate|>",
-                    "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>")
+def _whisper_specials() -> list[str]:
+    """Whisper's special tokens in the released order: the tokenizer finds a language's token at
+    ``<|startoftranscript|>`` + 1 + its index in ``LANGUAGES``, so every language must be there."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    return (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{code}|>" for code in LANGUAGES]
+            + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>",
+               "<|notimestamps|>"])
 
 
 def _byte_chars() -> list[str]:
@@ -34,6 +40,7 @@ def tiny_whisper_dir(path: str | Path, seed: int = 0) -> Path:
     import torch
     from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
                               WhisperForConditionalGeneration, WhisperTokenizer)
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -42,10 +49,11 @@ def tiny_whisper_dir(path: str | Path, seed: int = 0) -> Path:
     (path / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
     tok = WhisperTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), unk_token="<|endoftext|>",
                            bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tok.add_special_tokens({"additional_special_tokens": list(WHISPER_SPECIALS[1:])})
+    specials = _whisper_specials()
+    tok.add_special_tokens({"additional_special_tokens": specials[1:]})
     tok.save_pretrained(str(path))
     WhisperFeatureExtractor(feature_size=80, sampling_rate=16000).save_pretrained(str(path))
-    ids = {s: tok.convert_tokens_to_ids(s) for s in WHISPER_SPECIALS}
+    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
     eot = ids["<|endoftext|>"]
     cfg = WhisperConfig(vocab_size=len(tok), num_mel_bins=80, d_model=32, encoder_layers=1, decoder_layers=1,
                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
@@ -55,7 +63,7 @@ def tiny_whisper_dir(path: str | Path, seed: int = 0) -> Path:
     model = WhisperForConditionalGeneration(cfg)
     model.generation_config = GenerationConfig(
         decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=eot, pad_token_id=eot, bos_token_id=eot,
-        max_length=96, is_multilingual=True, lang_to_id={"<|en|>": ids["<|en|>"], "<|de|>": ids["<|de|>"]},
+        max_length=96, is_multilingual=True, lang_to_id={f"<|{c}|>": ids[f"<|{c}|>"] for c in LANGUAGES},
         task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
         no_timestamps_token_id=ids["<|notimestamps|>"], begin_suppress_tokens=[], suppress_tokens=[])
     model.save_pretrained(str(path))

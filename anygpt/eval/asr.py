@@ -87,8 +87,12 @@ def check_asr_dir(asr_model: str | Path, language: str | None = "en", task: str 
     except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/TypeError/KeyError here
         raise ASRError(f"{where} {path}: no usable tokenizer files ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
-    if not tok.get_vocab():
-        raise ASRError(f"{where} {path}: the tokenizer has an empty vocabulary")
+    # transformers builds a tokenizer even from a directory without vocabulary files (one token, from the
+    # config's special ids): compare with what the model predicts.
+    size, predicts = len(tok.get_vocab()), int(config.get("vocab_size") or 0)
+    if size == 0 or size < predicts // 2:
+        raise ASRError(f"{where} {path}: the tokenizer has {size} tokens but the model predicts {predicts}: "
+                       f"tokenizer files missing (vocab.json, tokenizer.json or tokenizer_config.json)")
     if tok.pad_token_id is None:
         raise ASRError(f"{where} {path}: the tokenizer has no pad token (tokenizer_config.json / special_tokens_map.json)")
     try:
