@@ -77,6 +77,12 @@ def test_dpo_loss_by_hand():
     assert st["rejected_reward"].tolist() == pytest.approx([-0.5, 0.5])
     smoothed, _ = dpo_loss(pi_c[:1], pi_r[:1], ref_c[:1], ref_r[:1], beta=0.5, label_smoothing=0.1)
     assert float(smoothed) == pytest.approx(0.9 * math.log1p(math.exp(-1)) + 0.1 * math.log1p(math.e), rel=1e-6)
+    # RPO: + sft_weight x the chosen answer's NLL per token (pair 0: 10 nats over 4 tokens; pair 1: 5 over 2)
+    rpo, st = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.5, sft_weight=2.0, chosen_tokens=torch.tensor([4, 2]))
+    assert rpo.tolist() == pytest.approx([math.log1p(math.exp(-1)) + 2.0 * 2.5, math.log1p(math.exp(0.5)) + 2.0 * 2.5])
+    assert st["chosen_nll"].tolist() == pytest.approx([2.5, 2.5])
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        dpo_loss(pi_c, pi_r, ref_c, ref_r, sft_weight=1.0)
 
 
 def test_sequence_logprobs_sums_per_row():

@@ -5,6 +5,7 @@ trainer; mistakes (a missing reward model directory, ...) are one line before an
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,3 +213,90 @@ def test_asr_reward_inside_the_trainer(tmp_path, model_dir, prompts):
     assert {"asr", "asr/cer", "asr/wer", "asr/nll", "asr/u_cer", "asr/u_nll", "code_frequency"} <= set(parts)
     assert parts["asr/nll"] > 0 and parts["asr/cer"] >= 0
     assert rows[-1]["reward"] == pytest.approx(parts["asr"] + 0.5 * parts["code_frequency"], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- 2 ranks (slow, distributed)
+KEYS = ("loss", "reward", "reward_std", "grad_norm", "kl", "clip_fraction", "ratio", "response_tokens")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_rank_zero3_run_killed_and_resumed_repeats_every_step(tmp_path, model_dir, prompts):
+    """GRPO with a KL term (reference model) and two updates per rollout (clipped ratio) on 2 ranks:
+    SIGKILL after step 3 (last checkpoint: step 2), `--resume auto` -> the per-step metrics of the
+    uninterrupted run, exactly (fp32); the run's export loads and differs from the start."""
+    from anygpt.train.export import export_checkpoint
+
+    def config(name: str) -> Path:
+        return write_config(tmp_path / f"{name}.yaml", model_dir, prompts, tmp_path / name, group_size=4,
+                            updates_per_rollout=2, grpo={"kl_beta": 0.05})
+
+    common = ["run.max_steps=5", "run.save_every=2", "optim.lr=5e-3", "optim.min_lr=5e-3"]
+    align(config("A"), *common, nproc=2)
+    a = metrics(tmp_path / "A")
+    assert [r["step"] for r in a] == [1, 2, 3, 4, 5] and a[-1]["samples"] == 16  # 2 ranks x 2 prompts x 4
+    assert a[-1]["kl"] > 0 and all(math.isfinite(r["loss"]) for r in a)
+
+    killed = align(config("B"), *common, nproc=2, faults="kill_after_step@3", expect_ok=False)
+    assert killed.returncode != 0
+    assert [r["step"] for r in metrics(tmp_path / "B")] == [1, 2, 3]
+    resumed = align(config("B"), *common, nproc=2, resume="auto")
+    assert "resumed at step 2" in resumed.stdout, resumed.stdout[-2000:]
+    b = metrics(tmp_path / "B")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
+    for ra, rb in zip(a, b):
+        for key in KEYS:
+            assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-7), (ra["step"], key, ra[key], rb[key])
+
+    out = tmp_path / "A.model"
+    export_checkpoint(tmp_path / "A", out)
+    from safetensors.torch import load_file
+
+    start, aligned = load_file(str(model_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert start.keys() == aligned.keys()
+    assert any(not torch.equal(start[k], aligned[k]) for k in start)
+
+
+# ---------------------------------------------------------------------------- shipped stage YAMLs
+ALIGN_YAMLS = sorted((REPO / "launch" / "configs").glob("align_*.yaml"))
+
+
+def test_shipped_align_yamls_open_with_their_launch_command():
+    assert {p.name for p in ALIGN_YAMLS} == {"align_grpo_whisper.yaml", "align_dpo.yaml", "align_demo.yaml"}
+    for path in ALIGN_YAMLS:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and "launch/align.py" in first and f"--config launch/configs/{path.name}" in first
+
+
+def test_readme_grpo_recipe_passes_preflight_unchanged(tmp_path, model_dir, monkeypatch):
+    """The README's real-use layout (an export with its codecs, the downloaded Whisper, speech shards) in
+    a fresh directory: the shipped GRPO and DPO YAMLs pass every check, unchanged, for 8 GPU ranks; a
+    missing Whisper is one line naming the directory to download."""
+    import shutil
+
+    from anygpt import modalities as registry
+    from anygpt.align.config import load_align_config
+    from anygpt.align.loop import preflight
+    from anygpt.align.testing import tiny_whisper_dir
+    from anygpt.config import ConfigError
+    from anygpt.train.bench import synthetic_corpus
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(model_dir, "models/anygpt-sft")
+    registry.build_codec("speech", "tiny").save(Path("models/anygpt-sft/codecs/speech"))
+    shards = synthetic_corpus(tmp_path / "syn", pairs=12, conversations=0, eval_pairs=0, tokenizer=False)
+    shutil.copytree(Path(shards["pairs"]).parent, "data/shards/speech")
+    grpo_yaml = REPO / "launch" / "configs" / "align_grpo_whisper.yaml"
+    with pytest.raises(ConfigError, match=r"options\.model checkpoints/whisper-large-v3: no such directory"):
+        preflight(load_align_config(grpo_yaml), 8, cuda=True)
+    tiny_whisper_dir(tmp_path / "checkpoints" / "whisper-large-v3")
+    for path in (grpo_yaml, REPO / "launch" / "configs" / "align_dpo.yaml"):
+        cfg = load_align_config(path)
+        assert cfg.model.codecs == "models/anygpt-sft/codecs"  # found in the export
+        plan = preflight(cfg, 8, cuda=True)
+        ds = plan.ds_config
+        assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 3
+        assert ds["train_batch_size"] == cfg.sequences_per_update * 8  # every sequence of a step, 8 ranks
+    grpo = load_align_config(grpo_yaml)
+    assert grpo.align.group_size == 16 and grpo.optim.lr == 1e-6 and grpo.align.grpo.kl_beta == 0
+    assert grpo.align.rewards[0].options["metric"] == "cer_nll"

@@ -398,7 +398,9 @@ class AlignTrainer:
             n = len(batches[k])
             pi = sequence_logprobs(logp, token_rows, n)
             rf = sequence_logprobs(ref[k], token_rows, n)
-            losses, st = dpo_loss(pi[0::2], pi[1::2], rf[0::2], rf[1::2], a.dpo.beta, a.dpo.label_smoothing)
+            counts = torch.bincount(token_rows, minlength=n)
+            losses, st = dpo_loss(pi[0::2], pi[1::2], rf[0::2], rf[1::2], a.dpo.beta, a.dpo.label_smoothing,
+                                  a.dpo.sft_weight, counts[0::2])
             stats = {key: v.sum() / n_pairs for key, v in st.items()}
             return losses.sum() / n_pairs, stats
 

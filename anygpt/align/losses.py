@@ -17,6 +17,10 @@ gradient of the accumulated micro-batches is exactly the gradient of the step's 
 DPO (arXiv 2305.18290), on the summed log-probabilities of each answer's response tokens::
 
     loss = - log sigmoid(beta ((pi_c - ref_c) - (pi_r - ref_r)))      (optionally label-smoothed)
+           + sft_weight (- pi_c / n_c)                                 (RPO, arXiv 2404.19733)
+
+DPO alone can raise the margin by lowering both answers' likelihoods; the optional NLL of the chosen
+answer per token (``align.dpo.sft_weight``) keeps the chosen (gold) answer's likelihood going up.
 """
 from __future__ import annotations
 
@@ -98,12 +102,15 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 
 
 def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float = 0.1,
-             label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             ref_rejected: torch.Tensor, beta: float = 0.1, label_smoothing: float = 0.0,
+             sft_weight: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair DPO losses ``[P]`` from summed response log-probabilities ``[P]`` (policy and reference).
 
-    Returns ``(losses, stats)``: ``stats`` holds per-pair ``chosen_reward`` / ``rejected_reward``
-    (``beta (pi - ref)``, the implicit rewards), ``margin`` and ``accuracy`` (margin > 0).
+    ``sft_weight > 0`` adds that multiple of the chosen answer's NLL per token (``chosen_tokens``:
+    its response token counts ``[P]``).  Returns ``(losses, stats)``: ``stats`` holds per-pair
+    ``chosen_reward`` / ``rejected_reward`` (``beta (pi - ref)``, the implicit rewards), ``margin``,
+    ``accuracy`` (margin > 0) and, with the NLL term, ``chosen_nll``.
     """
     chosen = pi_chosen - ref_chosen
     rejected = pi_rejected - ref_rejected
@@ -112,6 +119,12 @@ def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: tor
     with torch.no_grad():
         stats = {"chosen_reward": beta * chosen.detach(), "rejected_reward": beta * rejected.detach(),
                  "margin": logits.detach(), "accuracy": (logits.detach() > 0).to(logits.dtype)}
+    if sft_weight > 0:
+        if chosen_tokens is None:
+            raise ValueError("dpo_loss: sft_weight > 0 needs chosen_tokens")
+        nll = -pi_chosen / chosen_tokens.clamp(min=1).to(pi_chosen.dtype)
+        losses = losses + sft_weight * nll
+        stats["chosen_nll"] = nll.detach()
     return losses, stats
 
 
