@@ -54,6 +54,12 @@ def _serve(args: argparse.Namespace) -> dict:
     return bench_serve(clients=args.clients, requests=args.requests)
 
 
+def _align(args: argparse.Namespace) -> dict:
+    from anygpt.align.bench import bench_align
+
+    return bench_align()
+
+
 def _gpu(args: argparse.Namespace) -> dict:
     from anygpt.gpu_check import gpu_check
 
@@ -61,8 +67,9 @@ def _gpu(args: argparse.Namespace) -> dict:
 
 
 BENCHES: dict[str, Callable[[argparse.Namespace], dict]] = {
-    "codecs": _codecs, "data": _data, "train": _train, "infer": _infer, "serve": _serve, "gpu": _gpu}
-DEFAULT = ("codecs", "data", "train", "infer", "serve")  # `gpu` needs a GPU (or --dry-run): asked for by name only
+    "codecs": _codecs, "data": _data, "train": _train, "infer": _infer, "serve": _serve, "align": _align,
+    "gpu": _gpu}
+DEFAULT = ("codecs", "data", "train", "infer", "serve", "align")  # `gpu` needs a GPU (or --dry-run): asked for by name only
 
 
 def ratios(result: Any, prefix: str = "") -> dict[str, float]:

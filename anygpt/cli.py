@@ -20,6 +20,7 @@ SUBCOMMANDS = [
     "data_pipeline.cli:add_preprocess_parser",
     "anygpt.train.cli:add_train_parser",
     "anygpt.train.cli:add_export_parser",
+    "anygpt.align.cli:add_align_parser",
     "anygpt.decoders.cli:add_soundstorm_parser",
     "anygpt.train.cli:add_plot_parser",
     "anygpt.infer.cli:add_generate_parser",

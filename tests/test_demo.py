@@ -128,6 +128,18 @@ def test_quick_demo_end_to_end(tmp_path):
     for png in report["loss_curves"].values():
         Image.open(png).verify()
     assert "x chance" in (out / "report.md").read_text()
+    # the alignment stage: its YAML beside the stage ones, before/after on the same text->X directions
+    a = report["alignment"]
+    assert (out / "configs" / "align.yaml").is_file() and a["config"] == str(out / "configs" / "align.yaml")
+    text2x = {d for d in DIRECTIONS if d.startswith("text2")}
+    assert set(a["before"]) == set(a["after"]) == text2x | {"mean"}
+    assert all(a["before"][d] == report["directions"][d]["score"] for d in text2x)  # seed 0 = the eval's
+    assert all(0.0 <= a["after"][d] <= 1.0 for d in text2x)
+    Image.open(a["reward_curve"]).verify()
+    assert "## Alignment" in (out / "report.md").read_text()
+    from anygpt.train.metrics import read_jsonl
+
+    assert [r["step"] for r in read_jsonl(out / "runs" / "align" / "metrics.jsonl")][-1] == a["steps"]
     files = [Path(f) for s in report["samples"] for f in s["files"]]
     assert {f.suffix for f in files} == {registry.get(m).output_suffix for m in MODALITIES}
     import soundfile

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -69,11 +70,43 @@ def _attribute_hits(scores: dict, ref_attrs: list[dict], wanted: list[dict]) -> 
     return out
 
 
+REFERENCE_CACHE = "judge_references"  # DIR/judge_references/<modality>.npz
+
+
+def _fingerprint(modality: str, codec: Any, layout: VocabLayout, shards_root: Path, max_train: int) -> str:
+    """What the references depend on: the codec's weights, the layout's range, the training shards."""
+    import hashlib
+
+    h = hashlib.sha1(json.dumps([modality, layout.modality(modality).num_codebooks, max_train]).encode())
+    for name, t in sorted(codec.state_dict().items()):  # a Codec is a torch module
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for tar in sorted((shards_root / f"train_{modality}").glob("*.tar")):
+        h.update(f"{tar.name}:{tar.stat().st_size}".encode())
+    return h.hexdigest()
+
+
 def _references(modality: str, codec: Any, layout: VocabLayout, work: Path, shards_root: Path,
                 max_train: int = 400) -> tuple[list[np.ndarray], list[dict]]:
     """Reference codes with their attributes: one rendering of *every* grammar combination (held-out
     ones included), read back with the plugin's reader, plus up to ``max_train`` training items (the
-    codec's real spread of renderings)."""
+    codec's real spread of renderings).
+
+    Kept in ``DIR/judge_references/<modality>.npz`` (next to ``DIR/shards``) under a fingerprint of
+    the codec's weights and the training shards: rendering and encoding them is the slow part of the
+    judge (60 spoken sentences through the speech codec take ~30 s on 2 cores), and the demo's
+    evaluation and its alignment stage's judge reward use the same references.
+    """
+    cache = Path(shards_root).parent / REFERENCE_CACHE / f"{modality}.npz"
+    key = _fingerprint(modality, codec, layout, Path(shards_root), max_train)
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                if str(z["key"]) == key:
+                    attrs = json.loads(str(z["attrs"]))
+                    return [z[f"c{i}"] for i in range(len(attrs))], attrs
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable or stale: computed again and rewritten
     combos = all_combinations(modality)
     suffix = registry.get(modality).output_suffix
     paths = [render_reference(modality, describe(modality, c), work / f"{modality}-{i}{suffix}")
@@ -84,6 +117,14 @@ def _references(modality: str, codec: Any, layout: VocabLayout, work: Path, shar
     for _, text, c in shard_items(shards_root / f"train_{modality}", modality, max_train):
         codes.append(c[:k])
         attrs.append(parse_attributes(modality, text))
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.stem}-{os.getpid()}.npz")
+        np.savez(tmp, key=np.array(key), attrs=np.array(json.dumps(attrs)),
+                 **{f"c{i}": np.asarray(c, dtype=np.int64) for i, c in enumerate(codes)})
+        os.replace(tmp, cache)  # several processes may write it; readers see a whole file
+    except OSError:
+        pass  # a read-only demo directory: no cache, same references
     return codes, attrs
 
 
@@ -101,13 +142,80 @@ def judge_codes(spec: ModalitySpec, codes: list[np.ndarray]) -> tuple[list[np.nd
     return out, size * max((c.shape[-1] for c in codes), default=1)
 
 
+class AttributeJudge:
+    """The text->X judge of :func:`evaluate_synthetic` for one answer at a time (the alignment stage's
+    ``judge`` reward): the attributes of the nearest reference, as a fraction of those asked for.
+
+    Same references (:func:`_references`), same per-slot symbols (:func:`judge_codes`) and the same
+    cosine of per-codebook code histograms as the evaluation, so an answer scores here exactly what
+    it scores in ``report.json``; the reference features are computed once, over the symbols the
+    references use (an image's symbols are ``slot x code``: a dense histogram would have 262k bins),
+    with each answer's norm taken over all of its symbols so the cosine is unchanged.
+
+    Args:
+        layout: the model's vocabulary layout.
+        codecs: modality -> codec (the demo's fitted codecs).
+        shards_root: the demo's ``shards/`` (training items join the references).
+        modalities: which demo modalities to judge (default: the demo's that the layout has).
+    """
+
+    def __init__(self, layout: VocabLayout, codecs: dict[str, Any], shards_root: Path,
+                 modalities: Sequence[str] | None = None, max_train: int = 400):
+        self.layout = layout
+        self.modalities = tuple(m for m in (modalities or demo_modalities()) if m in layout.modalities)
+        self._refs: dict[str, tuple[np.ndarray, dict[int, int], list[dict]]] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for m in self.modalities:
+                codes, attrs = _references(m, codecs[m], layout, Path(tmp), Path(shards_root), max_train)
+                refs_j, _ = judge_codes(layout.modality(m), codes)
+                k = min(r.shape[0] for r in refs_j)
+                vocab = sorted({int(x) for r in refs_j for x in np.unique(r[:k])})
+                index = {c: i for i, c in enumerate(vocab)}
+                feats = np.stack([self._features(r[:k], index) for r in refs_j])
+                self._refs[m] = (feats, index, attrs)
+
+    @staticmethod
+    def _features(codes: np.ndarray, index: dict[int, int]) -> np.ndarray:
+        """``[K, V]`` per-codebook histograms over ``index``'s symbols, each divided by the norm of the
+        codebook's full histogram (symbols outside ``index`` count in the norm only)."""
+        out = np.zeros((codes.shape[0], len(index)), dtype=np.float64)
+        for k, row in enumerate(codes):
+            if not row.size:
+                continue
+            values, counts = np.unique(row, return_counts=True)
+            norm = float(np.sqrt((counts.astype(np.float64) ** 2).sum()))
+            for v, c in zip(values.tolist(), counts.tolist()):
+                if v in index:
+                    out[k, index[v]] = c / norm
+        return out
+
+    def score(self, modality: str, texts: Sequence[str], codes: Sequence[np.ndarray | None]) -> list[float]:
+        """Per answer: the fraction of the attributes its text asks for that the nearest reference
+        has (0 for an empty answer or a text that names no attribute)."""
+        feats, index, attrs = self._refs[modality]
+        spec = self.layout.modality(modality)
+        k = feats.shape[1]
+        out = []
+        for text, c in zip(texts, codes):
+            wanted = parse_attributes(modality, text)
+            if c is None or np.asarray(c).size == 0 or not wanted:
+                out.append(0.0)
+                continue
+            (gen,), _ = judge_codes(spec, [np.asarray(c, dtype=np.int64)[:k]])
+            f = self._features(gen[:k], index)
+            best = int(np.argmax(np.einsum("rkv,kv->r", feats, f)))  # first of ties, as the evaluation
+            got = attrs[best]
+            out.append(sum(got.get(a) == v for a, v in wanted.items()) / len(wanted))
+        return out
+
+
 def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_items: int = 48,
                        batch_size: int = 8, seed: int = 0,
-                       sampling: Sequence[str] = SYNTHETIC_SAMPLING) -> dict[str, Any]:
+                       sampling: Sequence[str] = SYNTHETIC_SAMPLING, text2x_only: bool = False) -> dict[str, Any]:
     """Score both directions of every demo modality the model's layout has on ``n_items`` held-out test
     items per direction (half of them novel attribute combinations, half new renderings of seen ones)
     from the demo's test shards.  ``sampling``: ``MODE.FIELD=VALUE`` overrides of the text->X sampling
-    settings."""
+    settings; ``text2x_only``: skip the X->text directions (the alignment stage's before/after)."""
     # X->text is scored greedily (one best caption).  text->X samples with the per-modality defaults
     # (seeded): the argmax of every code slot is the majority code (background), so greedy media
     # collapse to one mode, while samples follow the model's conditional distribution.
@@ -126,17 +234,19 @@ def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_ite
             keys = [key for key, _, _ in items]
             texts = [t for _, t, _ in items]
             spec = lm.layout.modality(m)
-            # X -> text
-            t0 = time.perf_counter()
-            preds = answer_text(lm, m, [codes for _, _, codes in items], base, batch_size)
-            scores = attribute_accuracy(m, preds, texts)
             novel = [i for i, key in enumerate(keys) if "novel" in key]
             seen = [i for i in range(len(keys)) if i not in set(novel)]
-            scores["by_split"] = {name: attribute_accuracy(m, [preds[i] for i in idx], [texts[i] for i in idx])["score"]
-                                  for name, idx in (("novel", novel), ("seen", seen)) if idx}
-            results[f"{m}2text"] = {**scores, "examples": [{"reference": r, "prediction": p} for r, p in
-                                                          zip(texts[:5], preds[:5])],
-                                    "seconds": round(time.perf_counter() - t0, 1)}
+            # X -> text
+            t0 = time.perf_counter()
+            if not text2x_only:
+                preds = answer_text(lm, m, [codes for _, _, codes in items], base, batch_size)
+                scores = attribute_accuracy(m, preds, texts)
+                scores["by_split"] = {name: attribute_accuracy(m, [preds[i] for i in idx],
+                                                               [texts[i] for i in idx])["score"]
+                                      for name, idx in (("novel", novel), ("seen", seen)) if idx}
+                results[f"{m}2text"] = {**scores, "examples": [{"reference": r, "prediction": p} for r, p in
+                                                              zip(texts[:5], preds[:5])],
+                                        "seconds": round(time.perf_counter() - t0, 1)}
             # text -> X
             t0 = time.perf_counter()
             refs, ref_attrs = _references(m, codecs[m], lm.layout, Path(tmp), shards_root)
@@ -205,5 +315,5 @@ def write_eval_suite(demo_dir: str | Path) -> Path:
     return path
 
 
-__all__ = ["score_demo", "evaluate_synthetic", "summary_table", "judge_codes", "shard_items", "write_eval_suite",
+__all__ = ["AttributeJudge", "score_demo", "evaluate_synthetic", "summary_table", "judge_codes", "shard_items", "write_eval_suite",
            "SYNTHETIC_SAMPLING", "EVAL_SUITE"]

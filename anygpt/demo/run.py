@@ -13,7 +13,10 @@ Steps (each one is the real component a user runs on real data, at tiny size):
 8. soundstorm  a tiny SoundStorm decoder trained on the speech shards (renders layers 2-8);
 9. eval        every direction on held-out items against its chance level (:mod:`anygpt.demo.evaluate`,
                with eval's metrics); ``eval_suite.json`` names its scorer for ``anygpt eval --demo DIR``;
-10. report     ``report.json`` / ``report.md``, loss curves, a few rendered outputs.
+10. align      ``anygpt align`` from the export (``launch/configs/align_demo.yaml``, DeepSpeed ZeRO-3 on
+               2 CPU ranks), exported to ``model_aligned/``; text->X scored on the same held-out items
+               before and after, over several sampling seeds (``report.json["alignment"]``);
+11. report     ``report.json`` / ``report.md``, loss and reward curves, a few rendered outputs.
 
 The demo's modalities are the registered ones its grammar has content for
 (:func:`anygpt.demo.grammar.demo_modalities`, registry order); everything per modality -- k-means
@@ -28,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -38,9 +42,10 @@ from typing import Any
 import yaml
 
 from anygpt import modalities as registry
+from anygpt.config import load_yaml
 from anygpt.decoders.train_soundstorm import train_soundstorm
 from anygpt.demo.corpus import make_corpus
-from anygpt.demo.evaluate import score_demo, summary_table, write_eval_suite
+from anygpt.demo.evaluate import SYNTHETIC_SAMPLING, evaluate_synthetic, score_demo, summary_table, write_eval_suite
 from anygpt.demo.grammar import demo_modalities, grammar
 from anygpt.formats.templates import DEFAULT_SYSTEM_PROMPT, INSTRUCTIONS
 from anygpt.infer.loading import load_lm
@@ -76,6 +81,10 @@ class DemoSettings:
     stage1_loss: str = "assistant"
     model: str = "tiny"
     eval_items: int = 48  # held-out items per direction (half novel combinations, half seen ones)
+    # The alignment stage (launch/configs/align_demo.yaml); 0 steps skips it.  Its before/after are
+    # text->X scores averaged over this many sampling seeds (the spread between seeds is reported).
+    align_steps: int = 16
+    align_seeds: int = 2
     nproc: int = 2
     # modality -> codec card name for modalities not using their default codec (``--codec mimi``).
     codecs: dict[str, str] = field(default_factory=dict)
@@ -83,7 +92,7 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> "DemoSettings":
         return cls(n_train=160, n_test=24, stage1_steps=450, stage2_steps=40, soundstorm_steps=20,
-                   eval_items=24)
+                   eval_items=24, align_steps=4, align_seeds=1)
 
 
 class Step:
@@ -199,6 +208,63 @@ def train_stage(config: Path, settings: DemoSettings, log: Path) -> None:
     run_subprocess(argv, log)
 
 
+ALIGN_CONFIG = "align_demo"  # the shipped launch/configs/align_demo.yaml: the stage's method and sizes
+
+
+def align_config(out: Path, model_dir: Path, settings: DemoSettings) -> Path:
+    """The shipped demo alignment YAML with this demo's paths, written to ``DIR/configs/align.yaml``."""
+    cfg = load_yaml(ALIGN_CONFIG)
+    cfg["run"].update({"dir": str(out / "runs" / "align"), "max_steps": settings.align_steps,
+                       "save_every": settings.align_steps})
+    cfg["model"]["name"] = str(model_dir)
+    a = cfg["align"]
+    a["prompts"]["shards"] = [str(out / "shards" / f"train_{m}" / "*.tar") for m in demo_modalities()]
+    a["sampling"] = list(SYNTHETIC_SAMPLING)  # rollouts sample as the evaluation does
+    for reward in a.get("rewards", []):
+        if reward["name"] == "judge":
+            reward.setdefault("options", {})["demo"] = str(out)
+    path = out / "configs" / "align.yaml"
+    header = (f"# anygpt align --config {path} --nproc {settings.nproc}\n"
+              f"# Written by `anygpt demo` from launch/configs/{ALIGN_CONFIG}.yaml.\n")
+    path.write_text(header + yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def text2x_scores(model_dir: Path, out: Path, settings: DemoSettings, seeds: list[int]) -> dict[int, dict[str, float]]:
+    """seed -> text->X direction -> score on the demo's held-out items (sampled with that seed)."""
+    lm = load_lm(model_dir)
+    codecs = registry.load_codecs(model_dir / "codecs")
+    return {s: {k: v["score"] for k, v in evaluate_synthetic(lm, codecs, out / "shards", n_items=settings.eval_items,
+                                                              seed=s, text2x_only=True).items()}
+            for s in seeds}
+
+
+def summarise_alignment(cfg: dict, before: dict[int, dict[str, float]], after: dict[int, dict[str, float]],
+                        run_dir: Path) -> dict[str, Any]:
+    """``report.json["alignment"]``: mean scores over the sampling seeds before and after, the spread
+    (std over seeds), the per-seed values, and the run's reward curve."""
+    import numpy as np
+
+    def stats(by_seed: dict[int, dict[str, float]]) -> tuple[dict, dict]:
+        """(mean, std) over seeds of every direction and of their mean."""
+        rows = [{**v, "mean": float(np.mean(list(v.values())))} for v in by_seed.values()]
+        return ({n: float(np.mean([r[n] for r in rows])) for n in rows[0]},
+                {n: float(np.std([r[n] for r in rows])) for n in rows[0]})
+
+    (b, b_sd), (a, a_sd) = stats(before), stats(after)
+    method = cfg["align"]["method"]
+    rewards = [r["name"] for r in cfg["align"].get("rewards", [])]
+    return {"method": method,
+            "reward": "+".join(rewards) if method == "grpo" else
+            "implicit (DPO: chosen = gold codes, rejected = the model's own sample)",
+            "scored_by": "judge (nearest reference rendering, as anygpt eval --demo)",
+            "steps": cfg["run"]["max_steps"], "seeds": sorted(before),
+            "before": b, "after": a, "gain": {k: a[k] - b[k] for k in b},
+            "spread": {"before": b_sd, "after": a_sd},
+            "by_seed": {"before": {str(s): v for s, v in before.items()}, "after": {str(s): v for s, v in after.items()}},
+            "reward_curve": str(run_dir / "reward.png"), "config": cfg["_path"]}
+
+
 def render_samples(model_dir: Path, corpus_dir: Path, out_dir: Path) -> list[dict]:
     """A few rendered outputs (one per direction and demo modality) from the exported model, through
     the task runner; files take the plugins' output suffixes."""
@@ -249,6 +315,17 @@ def write_report(out: Path, report: dict) -> None:
         lines += [f"- {m}: " + ", ".join(f"{c['name']} {c['used']}/{c['size']} used (perplexity {c['perplexity']:.1f})"
                                          for c in u["codebooks"])]
     lines += ["", "## Loss curves", ""] + [f"![{k}]({Path(v).relative_to(out)})" for k, v in report["loss_curves"].items()]
+    a = report.get("alignment")
+    if a:
+        names = list(a["before"])
+        lines += ["", f"## Alignment ({a['method']}, {a['steps']} steps; reward: {a['reward']})", "",
+                  f"text→X scores on the same held-out items, mean over sampling seeds {a['seeds']} "
+                  f"(± std over the seeds), {a['scored_by']}:", "",
+                  "| direction | before | after | gain |", "|---|---|---|---|"]
+        lines += [f"| {n} | {a['before'][n]:.3f} ± {a['spread']['before'][n]:.3f} | "
+                  f"{a['after'][n]:.3f} ± {a['spread']['after'][n]:.3f} | {a['gain'][n]:+.3f} |" for n in names]
+        lines += ["", f"![alignment]({Path(a['reward_curve']).relative_to(out)})", "",
+                  f"Config: `{Path(a['config']).relative_to(out)}`."]
     lines += ["", "## Step timings (s)", ""] + [f"- {k}: {v}" for k, v in report["timings"].items()]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -312,6 +389,24 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
         lm = load_lm(model_dir)
         directions, table = score_demo(lm, registry.load_codecs(model_dir / "codecs"), out,
                                        n_items=settings.eval_items)
+    alignment = None
+    if settings.align_steps:
+        aligned_dir = out / "model_aligned"
+        with Step(timings, "align", f"alignment from the export ({ALIGN_CONFIG}.yaml), {settings.align_steps} steps"):
+            cfg3 = align_config(out, model_dir, settings)
+            run_subprocess([sys.executable, "-m", "anygpt.cli", "align", "--config", str(cfg3), "--nproc",
+                            str(nproc)], out / "logs" / "align.log")
+            export_checkpoint(out / "runs" / "align", aligned_dir)
+            if (model_dir / "soundstorm").is_dir():  # the acoustic decoder is not part of the LM: shared
+                shutil.copytree(model_dir / "soundstorm", aligned_dir / "soundstorm")
+        seeds = list(range(settings.align_seeds))
+        with Step(timings, "align_eval", f"text->X before / after alignment, {len(seeds)} sampling seed(s)"):
+            # Seed 0 of "before" is the eval step's text->X (same items, seed and sampling); other seeds anew.
+            before = {0: {k: v["score"] for k, v in directions.items() if k.startswith("text2")}}
+            before.update(text2x_scores(model_dir, out, settings, seeds[1:]) if seeds[1:] else {})
+            after = text2x_scores(aligned_dir, out, settings, seeds)
+            cfg = {**yaml.safe_load(cfg3.read_text(encoding="utf-8")), "_path": str(cfg3)}
+            alignment = summarise_alignment(cfg, before, after, out / "runs" / "align")
     with Step(timings, "render", "a few outputs as png / wav"):
         samples = render_samples(model_dir, corpus, out / "samples")
 
@@ -323,6 +418,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
         "loss_curves": {name: str(out / "runs" / name / "loss.png") for name in ("stage1", "stage2")
                         if (out / "runs" / name / "loss.png").exists()},
         "samples": samples,
+        "alignment": alignment,
         "timings": timings,
         "seconds": round(time.perf_counter() - t_start, 1),
         "machine": {"cpus": os.cpu_count()},
@@ -330,8 +426,15 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
         "paths": {"corpus": str(corpus), "codecs": str(codecs_dir), "shards": str(shards),
                   "runs": str(out / "runs"), "model": str(model_dir), "samples": str(out / "samples")},
     }
+    if alignment:
+        report["paths"]["aligned"] = str(out / "model_aligned")
     write_report(out, report)
     print("\n" + table)
+    if alignment:
+        print(f"\n[demo] alignment ({alignment['method']}, {alignment['steps']} steps): text->X mean "
+              f"{alignment['before']['mean']:.3f} -> {alignment['after']['mean']:.3f} "
+              f"(std over sampling seeds {alignment['spread']['before']['mean']:.3f} / "
+              f"{alignment['spread']['after']['mean']:.3f})")
     print(f"\n[demo] finished in {report['seconds']:.0f}s. Report: {out / 'report.md'} (+ report.json)")
     for name, path in report["paths"].items():
         print(f"[demo] {name:<8} {path}")

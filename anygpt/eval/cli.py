@@ -23,6 +23,7 @@ from anygpt.modalities import load_codecs
 
 SUITE_FILE = "eval_suite.json"
 
+
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="held-out loss per modality/direction (+ a demo's suite, + generation)",
                        description="Loss per modality and direction on held-out shards; with --demo DIR "
@@ -41,8 +42,11 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                         "intelligibility (text -> transcribed audio modalities)")
     p.add_argument("--tasks", default="asr,caption,tts", help="with --generate: comma-separated subset of "
                                                                "asr,caption,tts (tts runs only with --asr-model)")
-    p.add_argument("--asr-model", default=None, help="local ASR model directory (Whisper, wav2vec 2.0 CTC...) "
-                                                     "that transcribes generated speech for --generate's tts")
+    p.add_argument("--asr-model", default=None, help="local ASR model directory (a Whisper or *ForCTC model saved "
+                                                     "with its tokenizer and feature extractor) that transcribes "
+                                                     "generated speech for --generate's tts; checked before any work")
+    p.add_argument("--asr-language", default="en", help="language Whisper is told (no per-clip detection); "
+                                                        "ignored by English-only and CTC models")
     p.add_argument("--soundstorm", default=None, help="SoundStorm decoder for tts (default MODEL/soundstorm)")
     p.add_argument("--seq-len", type=int, default=512, help="row length of the packed held-out batches")
     p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
@@ -80,17 +84,22 @@ def demo_scorer(demo_dir: str | Path) -> Callable[..., tuple[dict, str]]:
 def run_eval(args: argparse.Namespace) -> int:
     # torch and transformers load when the command runs, not when `anygpt --help` builds the parser.
     from anygpt.attention import resolve_attention
-    from anygpt.eval.loss import shards_heldout_loss
     from anygpt.infer.generation import pick_device
     from anygpt.infer.loading import load_lm
 
     # Everything that can be checked without the model fails before it loads.
     scorer = demo_scorer(args.demo) if args.demo else None
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if args.generate and args.asr_model is not None:
-        from anygpt.eval.real import check_asr_dir
+    if args.generate:
+        from anygpt.eval.real import TASKS
 
-        check_asr_dir(args.asr_model)
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"--tasks: unknown eval task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+        if args.asr_model is not None and "tts" in tasks:
+            from anygpt.eval.asr import check_asr_dir
+
+            check_asr_dir(args.asr_model, args.asr_language)  # language: told to Whisper, checked here
     resolve_attention(args.attention, pick_device("auto").type, training=False, key="--attention")
     data = args.data
     if Path(data).is_dir():
@@ -98,7 +107,32 @@ def run_eval(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     codecs_src = args.codecs or model_dir / "codecs"
     lm = load_lm(args.model)
-    result = {"model": args.model, "data": data, **shards_heldout_loss(lm, data, args.seq_len, attention=args.attention)}
+    result: dict[str, Any] = {"model": args.model, "data": data}
+    try:
+        _evaluate(args, lm, data, codecs_src, model_dir, scorer, tasks, result)
+    except BaseException as e:
+        # What was computed before the failure (the held-out loss, finished tasks) is not lost.
+        if args.out:
+            result["error"] = (str(e).splitlines() or [type(e).__name__])[0]
+            _write(args.out, result)
+            print(f"wrote the results computed before the failure to {args.out}")
+        raise
+    if args.out:
+        _write(args.out, result)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _write(path: str, result: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
+
+
+def _evaluate(args: argparse.Namespace, lm: Any, data: str, codecs_src: Any, model_dir: Path,
+              scorer: Callable[..., tuple[dict, str]] | None, tasks: list[str], result: dict[str, Any]) -> None:
+    """Fill ``result`` section by section (the held-out loss first), so a failure keeps what came before."""
+    from anygpt.eval.loss import shards_heldout_loss
+
+    result.update(shards_heldout_loss(lm, data, args.seq_len, attention=args.attention))
     read = result["read"]
     print(f"held-out loss {result['loss']:.4f} over {result['tokens']} target tokens (attention {result['attention']})")
     for name, value in {**result["loss_by_task"], **result["loss_by_modality"]}.items():
@@ -120,10 +154,8 @@ def run_eval(args: argparse.Namespace) -> int:
         codecs = load_codecs(codecs_src, modalities=wanted) if wanted else {}
         # The acoustic decoder (SoundStorm; only speech's plugin asks for one) through the chat's loader of it.
         media = MediaIO(lm.layout, None, resolve_soundstorm(args.soundstorm, model_dir, codecs_src), lm.device)
-        result["generate"] = evaluate_real(lm, codecs, data, items=args.items, tasks=tasks, asr_model=args.asr_model,
-                                           acoustic=lambda m: media.soundstorm())
+        result["generate"] = {}
+        evaluate_real(lm, codecs, data, items=args.items, tasks=tasks, asr_model=args.asr_model,
+                      acoustic=lambda m: media.soundstorm(), asr_language=args.asr_language,
+                      results=result["generate"])
         print("\n".join(summary_lines(result["generate"])))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
-        print(f"wrote {args.out}")
-    return 0

@@ -6,9 +6,9 @@ layout.  Which tasks run on a modality follows from its plugin's ``text_kind``:
 
 - ``"transcript"`` (the text is what is said):
   ``asr_<modality>``: X -> text, greedy; corpus WER (jiwer, normalised text on both sides) against
-  the transcript; and ``tts_<modality>`` (needs a local ASR model directory, e.g. a Whisper or
-  wav2vec 2.0 CTC export that ``transformers.pipeline("automatic-speech-recognition")`` loads, and a
-  codec with a ``sample_rate``): text -> X, sampled with the modality's defaults; the answer is
+  the transcript; and ``tts_<modality>`` (needs a local ASR model directory, a Whisper or
+  wav2vec 2.0-style CTC model saved with its processor, checked and loaded by
+  :mod:`anygpt.eval.asr`, and a codec with a ``sample_rate``): text -> X, sampled with the modality's defaults; the answer is
   completed by the plugin (speech: SoundStorm fills the acoustic layers), decoded, transcribed by the
   ASR model and scored by WER against the text: intelligibility.  The same ASR model transcribes the
   *reference* codes resynthesised by the codec, so the report shows the ceiling that codec + ASR
@@ -35,6 +35,7 @@ from anygpt import modalities as registry
 from anygpt.data.examples import layout_codes
 from anygpt.data.schema import SampleError, decode_sample
 from anygpt.data.shards import ShardError, expand_shards, iter_shard_samples
+from anygpt.eval.asr import load_asr
 from anygpt.eval.metrics import asr_wer, caption_metrics
 from anygpt.eval.run import answer_media, answer_text
 from anygpt.infer.settings import GenerationConfig
@@ -94,37 +95,10 @@ def held_out_pairs(shards: str, layout: Any, modalities: Sequence[str], items: i
     return pairs, {"skipped": dict(skipped), "bad_shards": bad, "lost_samples": lost}
 
 
-def check_asr_dir(asr_model: str | Path) -> Path:
-    """The ASR model must be a local Hugging Face model directory (nothing is downloaded)."""
-    path = Path(asr_model)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"--asr-model {path}: not a local Hugging Face model directory (no config.json)")
-    return path
-
-
-def load_asr(asr_model: str | Path, device: Any) -> Any:
-    """A ``transformers`` ASR pipeline from a local directory (no download); one-line error otherwise."""
-    from transformers import pipeline
-
-    path = check_asr_dir(asr_model)
-    dev = device if getattr(device, "type", "cpu") == "cuda" else -1
-    return pipeline("automatic-speech-recognition", model=str(path), device=dev)
-
-
-def transcribe(asr: Any, waves: Sequence[np.ndarray], sample_rate: int) -> list[str]:
-    """Transcribe waveforms at ``sample_rate``, resampled to the ASR model's own rate."""
-    import soxr
-
-    target = int(asr.feature_extractor.sampling_rate)
-    inputs = [{"raw": (soxr.resample(w, sample_rate, target) if sample_rate != target else w).astype(np.float32),
-               "sampling_rate": target} for w in waves]
-    return [str(r["text"]) for r in asr(inputs, batch_size=8)]
-
-
 def evaluate_real(lm: Any, codecs: Mapping[str, Any] | None, shards: str, *, items: int = 100,
                   tasks: Sequence[str] = TASKS, asr_model: str | Path | None = None,
                   acoustic: Callable[[str], Any] | None = None, batch_size: int = 8,
-                  seed: int = 0) -> dict[str, Any]:
+                  seed: int = 0, asr_language: str | None = "en", results: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the harness (see the module docstring); returns one dict per ``<task>_<modality>`` that ran,
     plus ``skipped``, ``bad_shards`` and ``lost_samples``.
 
@@ -133,18 +107,21 @@ def evaluate_real(lm: Any, codecs: Mapping[str, Any] | None, shards: str, *, ite
         codecs: modality -> codec (:func:`anygpt.modalities.load_codecs`); needed by ``tts`` only.
         shards: held-out shard spec.
         acoustic: modality -> its acoustic decoder or None (speech: SoundStorm), for ``tts``.
+        asr_language: the language Whisper is told (:func:`anygpt.eval.asr.check_asr_dir`).
+        results: a dict to fill in place (so a caller keeps what was computed if a later task raises).
     """
     planned = plan_tasks(lm.layout, tasks)
     if any(t == "tts" for t, _ in planned) and asr_model is None:
         raise ValueError("the tts task needs --asr-model DIR (a local speech recognition model)")
     pairs, reading = held_out_pairs(shards, lm.layout, sorted({m for _, m in planned}), items)
-    results: dict[str, Any] = dict(reading)
+    results = results if results is not None else {}
+    results.update(reading)
     greedy = GenerationConfig(max_new_tokens=512, seed=seed).with_greedy()
     asr_pipe: list[Any] = []
 
     def asr() -> Any:
         if not asr_pipe:
-            asr_pipe.append(load_asr(asr_model, lm.device))
+            asr_pipe.append(load_asr(asr_model, lm.device, language=asr_language))
         return asr_pipe[0]
 
     def to_text(m: str, metric: Callable) -> dict[str, Any]:
@@ -172,9 +149,9 @@ def evaluate_real(lm: Any, codecs: Mapping[str, Any] | None, shards: str, *, ite
             full = plugin.complete_codes(np.asarray(codes, dtype=np.int64), lambda: acoustic(m) if acoustic else None,
                                          None, notes, seed)
             waves.append(np.asarray(codec.decode([full])[0], dtype=np.float32))
-        hyps = transcribe(asr(), waves, sr)
+        hyps = asr().transcribe(waves, sr)
         reference = [np.asarray(codec.decode([c[: codec.num_codebooks]])[0], dtype=np.float32) for _, c in fits]
-        ref_hyps = transcribe(asr(), reference, sr)
+        ref_hyps = asr().transcribe(reference, sr)
         return {**asr_wer(hyps, texts), "reference_wer": asr_wer(ref_hyps, texts)["wer"],
                 "bad_reference_codes": len(pairs[m]) - len(fits), "empty_answers": empty,
                 "notes": sorted(set(notes)), "examples": _examples(hyps, texts)}
