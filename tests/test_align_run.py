@@ -300,3 +300,18 @@ def test_readme_grpo_recipe_passes_preflight_unchanged(tmp_path, model_dir, monk
     grpo = load_align_config(grpo_yaml)
     assert grpo.align.group_size == 16 and grpo.optim.lr == 1e-6 and grpo.align.grpo.kl_beta == 0
     assert grpo.align.rewards[0].options["metric"] == "cer_nll"
+
+
+# ---------------------------------------------------------------------------- anygpt bench align
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bench_align_splits_a_step_and_compares_the_two_rollouts(tmp_path):
+    from anygpt.align.bench import bench_align
+
+    r = bench_align(steps=1, repeats=1, workdir=tmp_path, verbose=False)
+    assert r["world_size"] == 2 and r["samples_per_rank"] == 8
+    assert sum(r["split"].values()) == pytest.approx(1.0)
+    assert all(r[f"{k}_s"] > 0 for k in ("generation", "reward", "update"))
+    g = r["rollout"]
+    assert g["identical_answers"] and g["tokens_per_rank"] > 0  # both ways generate the same ids
+    assert g["gather_once_speedup"] == pytest.approx(g["partitioned_s"] / g["gathered_once_s"])

@@ -94,7 +94,10 @@ def _worker(root: Path, steps: int, repeats: int, group_size: int, max_tokens: i
             "response_tokens": sum(r["response_tokens"] for r in rows) / len(rows),
             "step_s": mean["time_step"], "generation_s": mean["time_generation"], "reward_s": mean["time_reward"],
             "update_s": mean["time_update"],
-            "split": {k: mean[f"time_{k}"] / mean["time_step"] for k in ("generation", "reward", "update")},
+            # Each part is timed on its slowest rank, so the parts add up to a little more than the step:
+            # the shares are of their sum.
+            "split": {k: mean[f"time_{k}"] / sum(mean[f"time_{j}"] for j in ("generation", "reward", "update"))
+                      for k in ("generation", "reward", "update")},
             "rollout": {"answers_per_rank": len(prompts), "tokens_per_rank": tokens, "sync_s": sync_s,
                         "replica_generate_s": replica_s, "gathered_once_s": sync_s + replica_s,
                         "partitioned_s": partitioned_s, "gather_once_speedup": partitioned_s / (sync_s + replica_s),
@@ -108,8 +111,9 @@ def bench_align(nproc: int = 2, steps: int = 2, repeats: int = 2, group_size: in
                 workdir: str | Path | None = None, verbose: bool = True) -> dict[str, Any]:
     """Build the tiny model, prompts and Whisper, run :func:`_worker` on ``nproc`` ranks; its result.
 
-    Returns times in seconds: ``step_s`` = ``generation_s`` + ``reward_s`` + ``update_s`` (+ the
-    small rest), ``split`` (shares of the step) and ``rollout`` (gathered once vs partitioned).
+    Returns times in seconds: ``step_s`` and its parts ``generation_s``, ``reward_s``, ``update_s``
+    (each the slowest rank's), ``split`` (each part's share of the three) and ``rollout`` (gathered
+    once vs partitioned).
     """
     from anygpt.align.testing import tiny_whisper_dir
     from anygpt.infer.testing import build_tiny_model_dir
@@ -136,7 +140,7 @@ def bench_align(nproc: int = 2, steps: int = 2, repeats: int = 2, group_size: in
         r, g = result, result["rollout"]
         print(f"one GRPO step on {r['world_size']} CPU ranks (ZeRO-3, tiny model {r['params'] / 1e6:.1f}M params, "
               f"{r['samples_per_rank']} samples/rank, ~{r['response_tokens']:.0f} tokens each, asr reward on a "
-              f"tiny Whisper): {r['step_s']:.2f}s = generation {r['generation_s']:.2f}s "
+              f"tiny Whisper): {r['step_s']:.2f}s; slowest rank per part: generation {r['generation_s']:.2f}s "
               f"({100 * r['split']['generation']:.0f}%) + reward {r['reward_s']:.2f}s "
               f"({100 * r['split']['reward']:.0f}%) + update {r['update_s']:.2f}s ({100 * r['split']['update']:.0f}%)")
         print(f"rollout of {g['answers_per_rank']} answers/rank ({g['tokens_per_rank']} tokens): gathered once "

@@ -9,11 +9,9 @@ before anything is spawned: one ``error:`` line and exit status 1.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 
-from anygpt.train.cli import _child_argv, _guarded, _is_launched, add_train_arguments
+from anygpt.train import cli as train_cli
+from anygpt.train.cli import _guarded, add_train_arguments
 
 ALIGN_HELP = "align text->X generation (GRPO with rewards, or DPO) on the DeepSpeed engine"
 ALIGN_DESCRIPTION = (
@@ -33,33 +31,23 @@ def add_align_parser(sub: argparse._SubParsersAction) -> None:
 
 def spawn_ranks(nproc: int, argv: list[str]) -> int:
     """Start ``nproc`` ranks of ``python -m anygpt.align ARGV`` on this machine; their exit status."""
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "anygpt.align", *argv]
-    return subprocess.call(cmd, env=env)
+    return train_cli.spawn_ranks(nproc, argv, module="anygpt.align")
 
 
 def run_align(args: argparse.Namespace) -> int:
     from anygpt.align.config import load_align_config
-    from anygpt.config import ConfigError
 
-    cfg = load_align_config(args.config, args.overrides)
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
-    if _is_launched():
-        if args.nproc != 1:
-            raise ConfigError("--nproc: already running under a launcher (deepspeed/torchrun); drop --nproc")
-    else:
+    def preflight(*a):
         from anygpt.align.loop import preflight
 
-        preflight(cfg, args.nproc, args.resume)
-        if args.nproc > 1:
-            return spawn_ranks(args.nproc, _child_argv(args))
-    from anygpt.align.loop import align
+        return preflight(*a)
 
-    align(cfg, resume=args.resume)
-    return 0
+    def run(cfg, resume):
+        from anygpt.align.loop import align
+
+        return align(cfg, resume=resume)
+
+    return train_cli.run_stage(args, load_align_config, preflight, run, lambda n, argv: spawn_ranks(n, argv))
 
 
 def align_main(argv: list[str] | None = None) -> int:

@@ -23,8 +23,9 @@ The demo's modalities are the registered ones its grammar has content for
 clusters of the fitted codec, renderings, file suffixes (the plugins') -- comes from that content or
 from the plugin.
 
-Why these sizes: the README promises ~10 minutes on 2 cores; ``--quick`` is the CI version (a
-smaller corpus, fewer steps) that checks the report's structure and the easiest directions.
+Why these sizes: the README's first command should take about ten minutes on 2 cores (9 to 15
+measured, the machine's speed varies); ``--quick`` is the CI version (a smaller corpus, fewer steps)
+that checks the report's structure and the easiest directions.
 """
 from __future__ import annotations
 
@@ -66,10 +67,10 @@ class DemoSettings:
     n_train: int | None = None  # per modality; None = the corpus default (320)
     n_test: int | None = None
     kmeans_iters: int = 10
-    # Measured on 2 cores: a step of 2 ranks x 4 rows x 512 tokens takes ~0.5 s (stage 2: ~0.65 s),
+    # Measured on 2 cores: a step of 2 ranks x 4 rows x 512 tokens takes 0.5-0.8 s (stage 2: 0.65-1 s),
     # most of it in the 18k-row LM head (the layout's modality ranges) even though the trainer runs
     # the head only at target positions; the budget is counted in steps.
-    stage1_steps: int = 650
+    stage1_steps: int = 600
     stage2_steps: int = 120
     soundstorm_steps: int = 150
     seq_len: int = 512
@@ -81,9 +82,9 @@ class DemoSettings:
     stage1_loss: str = "assistant"
     model: str = "tiny"
     eval_items: int = 48  # held-out items per direction (half novel combinations, half seen ones)
-    # The alignment stage (launch/configs/align_demo.yaml); 0 steps skips it.  Its before/after are
-    # text->X scores averaged over this many sampling seeds (the spread between seeds is reported).
-    align_steps: int = 16
+    # The alignment stage (launch/configs/align_demo.yaml; None: its run.max_steps, 0 skips the stage).
+    # Its before/after are text->X scores averaged over this many sampling seeds (their spread is reported).
+    align_steps: int | None = None
     align_seeds: int = 2
     nproc: int = 2
     # modality -> codec card name for modalities not using their default codec (``--codec mimi``).
@@ -214,8 +215,8 @@ ALIGN_CONFIG = "align_demo"  # the shipped launch/configs/align_demo.yaml: the s
 def align_config(out: Path, model_dir: Path, settings: DemoSettings) -> Path:
     """The shipped demo alignment YAML with this demo's paths, written to ``DIR/configs/align.yaml``."""
     cfg = load_yaml(ALIGN_CONFIG)
-    cfg["run"].update({"dir": str(out / "runs" / "align"), "max_steps": settings.align_steps,
-                       "save_every": settings.align_steps})
+    steps = settings.align_steps or cfg["run"]["max_steps"]
+    cfg["run"].update({"dir": str(out / "runs" / "align"), "max_steps": steps, "save_every": steps})
     cfg["model"]["name"] = str(model_dir)
     a = cfg["align"]
     a["prompts"]["shards"] = [str(out / "shards" / f"train_{m}" / "*.tar") for m in demo_modalities()]
@@ -390,9 +391,9 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
         directions, table = score_demo(lm, registry.load_codecs(model_dir / "codecs"), out,
                                        n_items=settings.eval_items)
     alignment = None
-    if settings.align_steps:
+    if settings.align_steps != 0:
         aligned_dir = out / "model_aligned"
-        with Step(timings, "align", f"alignment from the export ({ALIGN_CONFIG}.yaml), {settings.align_steps} steps"):
+        with Step(timings, "align", f"alignment from the export (launch/configs/{ALIGN_CONFIG}.yaml)"):
             cfg3 = align_config(out, model_dir, settings)
             run_subprocess([sys.executable, "-m", "anygpt.cli", "align", "--config", str(cfg3), "--nproc",
                             str(nproc)], out / "logs" / "align.log")

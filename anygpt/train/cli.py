@@ -55,34 +55,52 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def spawn_ranks(nproc: int, argv: list[str]) -> int:
-    """Start ``nproc`` ranks of ``python -m anygpt.train ARGV`` on this machine; their exit status."""
+def spawn_ranks(nproc: int, argv: list[str], module: str = "anygpt.train") -> int:
+    """Start ``nproc`` ranks of ``python -m MODULE ARGV`` on this machine; their exit status."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "anygpt.train", *argv]
+           "-m", module, *argv]
     return subprocess.call(cmd, env=env)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from anygpt.config import ConfigError, load_train_config
+def run_stage(args: argparse.Namespace, load_config: Callable, preflight: Callable, run: Callable,
+              spawn: Callable[[int, list[str]], int]) -> int:
+    """The launch contract every DeepSpeed stage shares (``anygpt train``, ``anygpt align``): the YAML
+    plus overrides is loaded and checked; typed in a shell, ``preflight`` runs in this process (one
+    error line, nothing spawned) and ``--nproc N`` > 1 starts N local ranks through ``spawn``; under a
+    launcher (deepspeed, torchrun) this process is one rank and runs the stage."""
+    from anygpt.config import ConfigError
 
-    cfg = load_train_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     if args.nproc < 1:
         raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
     if _is_launched():
         if args.nproc != 1:
             raise ConfigError("--nproc: already running under a launcher (deepspeed/torchrun); drop --nproc")
     else:
-        from anygpt.train.preflight import preflight
-
         preflight(cfg, args.nproc, args.resume)
         if args.nproc > 1:
-            return spawn_ranks(args.nproc, _child_argv(args))
-    from anygpt.train.loop import train
-
-    train(cfg, resume=args.resume)
+            return spawn(args.nproc, _child_argv(args))
+    run(cfg, resume=args.resume)
     return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from anygpt.config import load_train_config
+
+    def preflight(*a):  # imported when used: `anygpt --help` stays fast
+        from anygpt.train.preflight import preflight
+
+        return preflight(*a)
+
+    def run(cfg, resume):
+        from anygpt.train.loop import train
+
+        return train(cfg, resume=resume)
+
+    # Looked up at call time, so tests can replace spawn_ranks / train.
+    return run_stage(args, load_train_config, preflight, run, lambda n, argv: spawn_ranks(n, argv))
 
 
 def _guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
