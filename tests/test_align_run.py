@@ -32,15 +32,15 @@ def _env(faults: str | None = None) -> dict:
     return env
 
 
-def write_config(path: Path, model_dir: Path, prompts: Path, run_dir: Path, **align) -> Path:
+def write_config(path: Path, model_dir: Path, prompts_file: Path, run_dir: Path, **align) -> Path:
     """A GRPO stage YAML on the tiny model: speech prompts, the code-frequency reward (no guards: a
-    random model's answers would fail them all)."""
+    random model's answers would fail them all); ``align`` replaces keys of the align section."""
     cfg = {"run": {"dir": str(run_dir), "max_steps": 12, "save_every": 6, "log_every": 1, "seed": 0,
                    "progress": False, "tensorboard": False},
            "model": {"name": str(model_dir), "codecs": "tiny"},
            "optim": {"lr": 0.02, "min_lr": 0.02, "warmup_steps": 0, "micro_batch_size": 4,
                      "deepspeed": "ds_configs/zero3.json"},
-           "align": {"method": "grpo", "prompts": {"file": str(prompts)}, "prompts_per_step": 2, "group_size": 8,
+           "align": {"method": "grpo", "prompts": {"file": str(prompts_file)}, "prompts_per_step": 2, "group_size": 8,
                      "max_new_tokens": 40, "sampling": ["speech.max_tokens=24"], "guards": {"enabled": False},
                      "rewards": [{"name": "code_frequency", "options": {"modality": "speech",
                                                                         "codes": EVERY_FOURTH}}]}}
