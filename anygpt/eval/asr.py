@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from anygpt.eval.metrics import normalize_text
+from anygpt.model import quiet_transformers
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json")
@@ -150,7 +151,8 @@ class ASRModel:
         self.sampling_rate = int(self.feature_extractor.sampling_rate)
         cls = WhisperForConditionalGeneration if spec.kind == "whisper" else AutoModelForCTC
         try:
-            self.model = cls.from_pretrained(str(spec.path), local_files_only=True).to(self.device).eval()
+            with quiet_transformers():
+                self.model = cls.from_pretrained(str(spec.path), local_files_only=True).to(self.device).eval()
         except (OSError, ValueError, RuntimeError) as e:
             raise ASRError(f"{spec.path}: cannot load the ASR model ({str(e).splitlines()[0][:160]})") from None
         self.max_new_tokens = max_new_tokens
@@ -208,8 +210,11 @@ class ASRModel:
             if self.kind == "whisper":
                 # The decoder's context (448 for released Whispers) holds the forced prefix too.
                 room = int(getattr(self.model.config, "max_target_positions", 448)) - len(self.tokenizer.prefix_tokens) - 1
-                ids = self.model.generate(**inputs, max_new_tokens=max(1, min(self.max_new_tokens, room)),
-                                          **self.generate_kwargs)
+                # Quiet: transformers warns on every call about settings we set on purpose (the budget
+                # beside the checkpoint's max_length, no attention mask for Whisper's fixed 30 s features).
+                with quiet_transformers():
+                    ids = self.model.generate(**inputs, max_new_tokens=max(1, min(self.max_new_tokens, room)),
+                                              **self.generate_kwargs)
                 out += [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
             else:
                 ids = self.model(**inputs).logits.argmax(-1)
