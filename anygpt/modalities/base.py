@@ -200,4 +200,102 @@ class AudioCodec(Codec):
                              f"[{int(codes.min())}, {int(codes.max())}]")
 
 
-__all__ = ["Codec", "AudioCodec", "CodecError"]
+
+class TransformersAudioCodec(AudioCodec):
+    """A waveform codec that *is* a transformers model (Encodec, Mimi): built from a config dict,
+    loaded strictly from a ``save_pretrained``-layout directory, saved with ``save_pretrained``.
+
+    A subclass names its transformers classes (``model_class``, ``config_class``), its ``tiny`` and
+    ``official`` configs and the facts its card must agree with (``checked_facts``); its constructor
+    takes ``(model, card=..., **options)``.
+    """
+
+    model_class: ClassVar[str]
+    config_class: ClassVar[str]
+    tiny_config: ClassVar[dict[str, Any]]
+    official_config: ClassVar[dict[str, Any]]
+    load_options: ClassVar[dict[str, Any]] = {}
+    """Extra ``from_pretrained`` arguments."""
+    checked_facts: ClassVar[tuple[str, ...]] = ("sample_rate", "frame_rate", "codebook_size")
+
+    @classmethod
+    def _build(cls, config: dict[str, Any]) -> Any:
+        import transformers
+
+        from anygpt.model import quiet_transformers
+
+        with quiet_transformers():
+            return getattr(transformers, cls.model_class)(getattr(transformers, cls.config_class)(**config))
+
+    @classmethod
+    def tiny(cls, *, seed: int | None = 0, **kwargs: Any) -> "TransformersAudioCodec":
+        """The small random config (same transformers code path); ``config={...}`` overrides its keys."""
+        overrides = kwargs.pop("config", {}) or {}
+        device = kwargs.pop("device", None)
+        return cls._tiny_from(lambda: cls(cls._build({**cls.tiny_config, **overrides}), **kwargs), seed, device)
+
+    @classmethod
+    def official(cls, **kwargs: Any) -> "TransformersAudioCodec":
+        """The released architecture, randomly initialised (for benchmarks: no download)."""
+        device = kwargs.pop("device", None)
+        codec = cls(cls._build(dict(cls.official_config)), **kwargs)
+        return codec.to(device) if device is not None else codec
+
+    @classmethod
+    def unused_keys(cls, model: Any, info: dict[str, Any], weights: Path) -> list[str]:
+        """Checkpoint keys the model does not use (default: what ``from_pretrained`` reports)."""
+        return sorted(info.get("unexpected_keys") or [])
+
+    @classmethod
+    def from_dir(cls, directory: Path | str, card: dict[str, Any] | None = None,
+                 **kwargs: Any) -> "TransformersAudioCodec":
+        """Load a local directory (``config.json`` + weights); nothing is downloaded.
+
+        Missing or mis-shaped weights are a ``CodecError`` (``from_pretrained`` alone would leave
+        random weights in place); keys the model does not use are reported once and ignored.
+        """
+        import transformers
+
+        from anygpt.model import quiet_transformers
+        from anygpt.modalities.cards import (card_label, check_codec_matches, dir_card, named_card, report_unused,
+                                             resolve_files)
+
+        directory = Path(directory)
+        card = card or dir_card(directory) or named_card(cls.card_name)
+        files = resolve_files(card, directory)
+        device = kwargs.pop("device", None)
+        try:
+            with quiet_transformers():
+                model, info = getattr(transformers, cls.model_class).from_pretrained(
+                    str(directory), output_loading_info=True, local_files_only=True, **cls.load_options)
+        except Exception as exc:
+            raise CodecError(f"{card_label(card)}: cannot load {directory} "
+                             f"({' '.join(str(exc).split())[:300]})") from None
+        bad = []
+        if info.get("missing_keys"):
+            bad.append(f"{len(info['missing_keys'])} missing keys (e.g. {sorted(info['missing_keys'])[:3]})")
+        if info.get("mismatched_keys"):
+            shapes = [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in sorted(info["mismatched_keys"])[:3]]
+            bad.append(f"{len(info['mismatched_keys'])} shape mismatches (e.g. {shapes})")
+        if bad:
+            raise CodecError(f"{card_label(card)}: {files['weights']} does not match {files['config'].name}: "
+                             f"{'; '.join(bad)}")
+        unused = cls.unused_keys(model, info, files["weights"])
+        if unused:
+            report_unused(card, files["weights"], unused)
+        codec = cls(model, card=card, **kwargs)
+        check_codec_matches(card, **{fact: getattr(codec, fact) for fact in cls.checked_facts})
+        return codec.to(device) if device is not None else codec
+
+    def save(self, directory: str | Path, **card_updates: Any) -> None:
+        """``save_pretrained`` (config.json + model.safetensors) + ``card.yaml``."""
+        from anygpt.model import quiet_transformers
+        from anygpt.modalities.cards import write_card
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with quiet_transformers():
+            self.model.save_pretrained(str(directory))
+        write_card(self.card, directory, **card_updates)
+
+__all__ = ["TransformersAudioCodec", "Codec", "AudioCodec", "CodecError"]

@@ -12,16 +12,13 @@ get at the encoder output that ``fit`` needs.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from anygpt.model import quiet_transformers
-from anygpt.modalities.base import AudioCodec, CodecError
-from anygpt.modalities.cards import card_label, check_codec_matches, dir_card, named_card, resolve_files, write_card
+from anygpt.modalities.base import CodecError, TransformersAudioCodec
+from anygpt.modalities.cards import named_card
 
 # facebook/encodec_32khz config.json (model part).
 OFFICIAL_CONFIG: dict[str, Any] = {
@@ -56,7 +53,7 @@ TINY_CONFIG: dict[str, Any] = {**OFFICIAL_CONFIG, "num_filters": 8, "hidden_size
                                "num_lstm_layers": 1}
 
 
-class EncodecMusicCodec(AudioCodec):
+class EncodecMusicCodec(TransformersAudioCodec):
     """Encodec 32 kHz as a codec: 1-D 32 kHz waveforms <-> ``[4, T]`` code arrays (T = ceil(len/640)).
 
     Args:
@@ -68,6 +65,10 @@ class EncodecMusicCodec(AudioCodec):
     """
 
     card_name = "encodec_32khz"
+    model_class, config_class = "EncodecModel", "EncodecConfig"
+    official_config = OFFICIAL_CONFIG  # facebook/encodec_32khz: 56.9 M parameters
+    tiny_config = TINY_CONFIG  # 32 kHz, 50 Hz, 4 x 2048 codes
+    checked_facts = ("sample_rate", "frame_rate", "num_codebooks", "codebook_size")
     decodes_prefixes = False  # the 32 kHz model's decoder wants all 4 codebooks
 
     def __init__(self, model: Any, card: dict[str, Any] | None = None, chunk_seconds: float = 20.0,
@@ -92,70 +93,6 @@ class EncodecMusicCodec(AudioCodec):
         self.pad_batches = pad_batches
         self.use_half = use_half
         self.eval()
-
-    # ---- construction -------------------------------------------------------------------------
-
-    @staticmethod
-    def _build(config: dict[str, Any]) -> Any:
-        from transformers import EncodecConfig, EncodecModel
-
-        with quiet_transformers():
-            return EncodecModel(EncodecConfig(**config))
-
-    @classmethod
-    def tiny(cls, *, seed: int | None = 0, **kwargs: Any) -> "EncodecMusicCodec":
-        """Small random Encodec (same EncodecConfig family): 32 kHz, 50 Hz, 4 x 2048 codes."""
-        overrides = kwargs.pop("config", {}) or {}
-        device = kwargs.pop("device", None)
-        return cls._tiny_from(lambda: cls(cls._build({**TINY_CONFIG, **overrides}), **kwargs), seed, device)
-
-    @classmethod
-    def official(cls, **kwargs: Any) -> "EncodecMusicCodec":
-        """The facebook/encodec_32khz architecture (56.9 M parameters), randomly initialised."""
-        device = kwargs.pop("device", None)
-        codec = cls(cls._build(dict(OFFICIAL_CONFIG)), **kwargs)
-        return codec.to(device) if device is not None else codec
-
-    @classmethod
-    def from_dir(cls, directory: Path | str, card: dict[str, Any] | None = None, **kwargs: Any) -> "EncodecMusicCodec":
-        """Load a local Hugging Face directory (``config.json`` + ``model.safetensors``/``pytorch_model.bin``).
-
-        A missing or mis-shaped weight is a ``CodecError`` (``from_pretrained`` alone would only warn
-        and leave random weights in place); keys the model does not use are reported and ignored.
-        """
-        from transformers import EncodecModel
-
-        directory = Path(directory)
-        card = card or dir_card(directory) or named_card(cls.card_name)
-        files = resolve_files(card, directory)
-        device = kwargs.pop("device", None)
-        try:
-            with quiet_transformers():
-                model, info = EncodecModel.from_pretrained(str(directory), output_loading_info=True)
-        except Exception as exc:
-            raise CodecError(f"{card_label(card)}: cannot load {directory} "
-                             f"({' '.join(str(exc).split())[:300]})") from None
-        bad = {k: sorted(v)[:3] for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
-        if bad:
-            raise CodecError(f"{card_label(card)}: {files['weights']} does not match the config: {bad}")
-        if info.get("unexpected_keys"):
-            from anygpt.modalities.cards import report_unused
-
-            report_unused(card, files["weights"], sorted(info["unexpected_keys"]))
-        codec = cls(model, card=card, **kwargs)
-        check_codec_matches(card, sample_rate=codec.sample_rate, frame_rate=codec.frame_rate,
-                            num_codebooks=codec.num_codebooks, codebook_size=codec.codebook_size)
-        if device is not None:
-            codec.to(device)
-        return codec
-
-    def save(self, directory: str | os.PathLike, **card_updates: Any) -> None:
-        """``save_pretrained`` (config.json + model.safetensors) + ``card.yaml``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with quiet_transformers():
-            self.model.save_pretrained(str(directory))
-        write_card(self.card, directory, **card_updates)
 
     # ---- tensors --------------------------------------------------------------------------------
 

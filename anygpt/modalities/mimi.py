@@ -23,16 +23,13 @@ flat key layout is renamed on load), so we wrap it, like Encodec.  What this mod
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from anygpt.model import quiet_transformers
-from anygpt.modalities.base import AudioCodec, CodecError
-from anygpt.modalities.cards import (card_label, check_codec_matches, dir_card, named_card, report_unused,
-                                     resolve_files, write_card)
+from anygpt.modalities.base import CodecError, TransformersAudioCodec
+from anygpt.modalities.cards import card_label, named_card
 from anygpt.modalities.media import coerce_audio
 
 # kyutai/mimi config.json (model part).  Written out rather than taken from MimiConfig's defaults so a
@@ -122,7 +119,7 @@ def _drop_codebook_caches(model: torch.nn.Module) -> None:
             m._embed = None
 
 
-class MimiCodec(AudioCodec):
+class MimiCodec(TransformersAudioCodec):
     """Mimi as a codec: 1-D 24 kHz waveforms <-> ``[K, T]`` code arrays (K = the card's ``num_codebooks``,
     T = ``ceil(len / 1920)``); row 0 is the semantic codebook the LM sees, rows 1..K-1 the acoustic
     ones the SoundStorm-style decoder predicts.
@@ -139,6 +136,11 @@ class MimiCodec(AudioCodec):
     """
 
     card_name = "mimi"
+    model_class, config_class = "MimiModel", "MimiConfig"
+    official_config = OFFICIAL_CONFIG  # kyutai/mimi: 79.3 M parameters + 16.8 M codebook buffers
+    tiny_config = TINY_CONFIG  # 24 kHz, 12.5 Hz, 8 x 2048 codes, 0.6 M parameters
+    # Mismatched shapes are reported (and refused by from_dir) instead of raising inside transformers.
+    load_options = {"ignore_mismatched_sizes": True, "dtype": torch.float32}
 
     def __init__(self, model: Any, card: dict[str, Any] | None = None, pad_batches: bool = False,
                  use_half: bool = False) -> None:
@@ -162,76 +164,9 @@ class MimiCodec(AudioCodec):
         self.use_half = use_half
         self.eval()
 
-    # ---- construction -------------------------------------------------------------------------
-
-    @staticmethod
-    def _build(config: dict[str, Any]) -> Any:
-        from transformers import MimiConfig, MimiModel
-
-        with quiet_transformers():
-            return MimiModel(MimiConfig(**config))
-
     @classmethod
-    def tiny(cls, *, seed: int | None = 0, **kwargs: Any) -> "MimiCodec":
-        """Small random Mimi (same MimiConfig code path): 24 kHz, 12.5 Hz, 8 x 2048 codes (0.6 M parameters)."""
-        overrides = kwargs.pop("config", {}) or {}
-        device = kwargs.pop("device", None)
-        return cls._tiny_from(lambda: cls(cls._build({**TINY_CONFIG, **overrides}), **kwargs), seed, device)
-
-    @classmethod
-    def official(cls, **kwargs: Any) -> "MimiCodec":
-        """The kyutai/mimi architecture (79.3 M parameters + 16.8 M codebook buffers), randomly initialised."""
-        device = kwargs.pop("device", None)
-        codec = cls(cls._build(dict(OFFICIAL_CONFIG)), **kwargs)
-        return codec.to(device) if device is not None else codec
-
-    @classmethod
-    def from_dir(cls, directory: Path | str, card: dict[str, Any] | None = None, **kwargs: Any) -> "MimiCodec":
-        """Load a local ``kyutai/mimi``-layout directory (``config.json`` + ``model.safetensors``, e.g. a
-        download or ``MimiModel.save_pretrained``); nothing is downloaded.
-
-        Missing or mis-shaped weights are a ``CodecError`` (``from_pretrained`` alone would leave
-        random weights in place); keys the model does not use are reported once and ignored.
-        """
-        from transformers import MimiModel
-
-        directory = Path(directory)
-        card = card or dir_card(directory) or named_card(cls.card_name)
-        files = resolve_files(card, directory)
-        device = kwargs.pop("device", None)
-        try:
-            with quiet_transformers():
-                model, info = MimiModel.from_pretrained(str(directory), output_loading_info=True, local_files_only=True,
-                                                        ignore_mismatched_sizes=True, dtype=torch.float32)
-        except Exception as exc:
-            raise CodecError(f"{card_label(card)}: cannot load {directory} "
-                             f"({' '.join(str(exc).split())[:300]})") from None
-        bad = []
-        if info.get("missing_keys"):
-            bad.append(f"{len(info['missing_keys'])} missing keys (e.g. {sorted(info['missing_keys'])[:3]})")
-        if info.get("mismatched_keys"):
-            shapes = [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in sorted(info["mismatched_keys"])[:3]]
-            bad.append(f"{len(info['mismatched_keys'])} shape mismatches (e.g. {shapes})")
-        if bad:
-            raise CodecError(f"{card_label(card)}: {files['weights']} does not match {files['config'].name}: "
-                             f"{'; '.join(bad)}")
-        unused = _unused_keys(model, files["weights"])
-        if unused:
-            report_unused(card, files["weights"], unused)
-        codec = cls(model, card=card, **kwargs)
-        check_codec_matches(card, sample_rate=codec.sample_rate, frame_rate=codec.frame_rate,
-                            codebook_size=codec.codebook_size)
-        if device is not None:
-            codec.to(device)
-        return codec
-
-    def save(self, directory: str | os.PathLike, **card_updates: Any) -> None:
-        """``save_pretrained`` (config.json + model.safetensors, the kyutai/mimi layout) + ``card.yaml``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with quiet_transformers():
-            self.model.save_pretrained(str(directory))
-        write_card(self.card, directory, **card_updates)
+    def unused_keys(cls, model: Any, info: dict[str, Any], weights: Path) -> list[str]:
+        return _unused_keys(model, weights)  # from_pretrained's own list misses most (module docstring)
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "MimiCodec":
         # ``.to(device/dtype)`` moves buffers, not the codebooks' cached ``_embed``: recompute it.
