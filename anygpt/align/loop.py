@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from anygpt.align.rewards import RewardContext, Sample, build_rewards, check_rew
 from anygpt.align.rollout import (GenerationPolicy, PreferencePair, Prompt, first_span, generated_response,
                                   load_pairs, load_prompts, make_batch, response_ids, token_logprobs)
 from anygpt.config import ConfigError, save_config, to_dict
+from anygpt.train.checkpoint import run_files
 from anygpt.formats import Media, SequenceFormat
 from anygpt.infer.settings import GenerationConfig, apply_setting_overrides
 from anygpt.infer.tasks import Task, task_config
@@ -487,11 +487,7 @@ class AlignTrainer:
                 "nonfinite_streak": 0, "skipped_steps": 0}
 
     def save(self) -> Path:
-        model = self.bundle.model
-        hf_config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-        static = {"config.yaml": lambda t: save_config(self.cfg, t), "vocab_layout.json": lambda t: self.layout.save(t),
-                  "tokenizer": lambda t: self.tokenizer.save_pretrained(str(t)),
-                  "hf_config": lambda t: hf_config.save_pretrained(str(t))}
+        static = run_files(self.cfg, self.layout, self.tokenizer, self.bundle.model)
         ckpt = self.ckpts.save(self.engine, self.step, {"round_cache": self.round_cache}, self.trainer_state(), static,
                                fault=self.faults)
         self.say(f"saved checkpoint {ckpt}")

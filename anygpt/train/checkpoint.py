@@ -120,6 +120,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------- RNG
+def run_files(cfg: Any, layout: Any, tokenizer: Any, model: Any) -> dict[str, Any]:
+    """What every checkpoint of a run holds beside the weights (``anygpt export`` reads them): the
+    resolved config, the vocabulary layout, the tokenizer and the Hugging Face model config (of the
+    base model under a PEFT wrapper)."""
+    from anygpt.config import save_config
+
+    hf_config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    return {"config.yaml": lambda t: save_config(cfg, t), "vocab_layout.json": lambda t: layout.save(t),
+            "tokenizer": lambda t: tokenizer.save_pretrained(str(t)),
+            "hf_config": lambda t: hf_config.save_pretrained(str(t))}
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -23,6 +23,7 @@ import torch
 
 from anygpt.attention import LOADER_ATTENTION, attention_inputs
 from anygpt.config import TrainConfig, save_config, to_dict
+from anygpt.train.checkpoint import run_files
 from anygpt.data.examples import task_names
 from anygpt.eval.loss import heldout_loss
 from anygpt.train.losses import lm_loss
@@ -261,10 +262,6 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------ checkpoints
-    def _hf_config(self):
-        model = self.bundle.model
-        return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-
     def trainer_state(self) -> dict:
         from anygpt.train.dsconfig import resolve_precision, zero_stage
 
@@ -275,12 +272,7 @@ class Trainer:
                 "codecs": self.cfg.model.codecs, "max_steps": self.cfg.run.max_steps}
 
     def save(self) -> Path:
-        static = {
-            "config.yaml": lambda t: save_config(self.cfg, t),
-            "vocab_layout.json": lambda t: self.layout.save(t),
-            "tokenizer": lambda t: self.tokenizer.save_pretrained(str(t)),
-            "hf_config": lambda t: self._hf_config().save_pretrained(str(t)),
-        }
+        static = run_files(self.cfg, self.layout, self.tokenizer, self.bundle.model)
         ckpt = self.ckpts.save(self.engine, self.step, self.loader.state_dict(), self.trainer_state(), static,
                                fault=self.faults)
         self.say(f"saved checkpoint {ckpt}")
