@@ -240,7 +240,7 @@ def text2x_scores(model_dir: Path, out: Path, settings: DemoSettings, seeds: lis
             for s in seeds}
 
 
-def summarise_alignment(cfg: dict, before: dict[int, dict[str, float]], after: dict[int, dict[str, float]],
+def summarise_alignment(config: Path, before: dict[int, dict[str, float]], after: dict[int, dict[str, float]],
                         run_dir: Path) -> dict[str, Any]:
     """``report.json["alignment"]``: mean scores over the sampling seeds before and after, the spread
     (std over seeds), the per-seed values, and the run's reward curve."""
@@ -253,6 +253,7 @@ def summarise_alignment(cfg: dict, before: dict[int, dict[str, float]], after: d
                 {n: float(np.std([r[n] for r in rows])) for n in rows[0]})
 
     (b, b_sd), (a, a_sd) = stats(before), stats(after)
+    cfg = yaml.safe_load(config.read_text(encoding="utf-8"))
     method = cfg["align"]["method"]
     rewards = [r["name"] for r in cfg["align"].get("rewards", [])]
     return {"method": method,
@@ -263,7 +264,7 @@ def summarise_alignment(cfg: dict, before: dict[int, dict[str, float]], after: d
             "before": b, "after": a, "gain": {k: a[k] - b[k] for k in b},
             "spread": {"before": b_sd, "after": a_sd},
             "by_seed": {"before": {str(s): v for s, v in before.items()}, "after": {str(s): v for s, v in after.items()}},
-            "reward_curve": str(run_dir / "reward.png"), "config": cfg["_path"]}
+            "reward_curve": str(run_dir / "reward.png"), "config": str(config)}
 
 
 def render_samples(model_dir: Path, corpus_dir: Path, out_dir: Path) -> list[dict]:
@@ -406,8 +407,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
             before = {0: {k: v["score"] for k, v in directions.items() if k.startswith("text2")}}
             before.update(text2x_scores(model_dir, out, settings, seeds[1:]) if seeds[1:] else {})
             after = text2x_scores(aligned_dir, out, settings, seeds)
-            cfg = {**yaml.safe_load(cfg3.read_text(encoding="utf-8")), "_path": str(cfg3)}
-            alignment = summarise_alignment(cfg, before, after, out / "runs" / "align")
+            alignment = summarise_alignment(cfg3, before, after, out / "runs" / "align")
     with Step(timings, "render", "a few outputs as png / wav"):
         samples = render_samples(model_dir, corpus, out / "samples")
 
