@@ -198,6 +198,26 @@ def test_speechalign_dpo_regenerates_rejected_answers_each_round(tmp_path, model
 
 
 @pytest.mark.slow
+def test_reward_ranked_dpo_raises_a_deterministic_reward(tmp_path, model_dir, prompts):
+    """``align.dpo.chosen: best``: every step samples 8 answers per prompt afresh (one round per step),
+    chosen = the best by the reward, rejected = the worst; the samples' reward rises as under GRPO."""
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "d.yaml", model_dir, prompts, run, method="dpo",
+                       dpo={"beta": 0.1, "chosen": "best", "rounds": 12, "sft_weight": 1.0})
+    proc = align(cfg)
+    assert "best vs worst of 8 samples by rewards 1*code_frequency in 12 round(s)" in proc.stdout
+    assert len(re.findall(r"round \d+/12: sampled 8 answers per prompt \(16 per rank\), ranked by the rewards",
+                          proc.stdout)) == 12, proc.stdout
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    rewards = [r["reward"] for r in rows]
+    first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
+    assert first < 0.35 and last > first + 0.15, rewards  # chance is 0.25
+    assert all(r["samples"] == 16 and r["time_generation"] > 0 for r in rows)
+    assert rows[0]["margin"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at the start
+
+
+@pytest.mark.slow
 def test_asr_reward_inside_the_trainer(tmp_path, model_dir, prompts):
     from anygpt.align.testing import tiny_whisper_dir
 

@@ -130,6 +130,21 @@ def test_nearest_reference_on_synthetic_codes():
     assert r1["accuracy"] >= 0.9 * 30 / 31 and "mean_attribute" not in r1
 
 
+def test_nearest_reference_counts_only_used_symbols_with_the_same_result():
+    """The judge renumbers codes to the symbols that occur (a per-slot image judge has 262k bins);
+    its nearest references are those of the dense cosine, computed here by hand, and codes outside
+    the codebook are ignored as before."""
+    from anygpt.eval.metrics import code_features
+
+    rng = np.random.default_rng(1)
+    v = 5000
+    refs = [rng.choice(rng.integers(v, size=40), size=(2, 30)) for _ in range(25)]
+    gen = [np.where(rng.random((2, 24)) < 0.1, v + 7, r[:, :24]) for r in refs for _ in range(2)]  # 10% out of range
+    r = nearest_reference_accuracy(gen, list(range(25)) * 2, refs, codebook_size=v)
+    dense = code_features(gen, v, 2) @ code_features(refs, v, 2).T
+    assert r["predictions"] == dense.argmax(axis=1).tolist()
+
+
 def test_nearest_reference_labels_and_validation():
     refs = [np.array([[0, 0, 1]]), np.array([[0, 0, 1]]), np.array([[5, 5, 6]])]
     # two renderings share label "a": a generation matching either is right; chance = 2/3 for label a

@@ -15,7 +15,7 @@ import torch
 
 from anygpt.formats import Conversation, Media, Text, Turn
 from anygpt.infer import generation as gen_mod
-from anygpt.infer.generation import ConsoleStreamer, ContextError, Streamer, pick_dtype, sample_tokens
+from anygpt.infer.generation import ConsoleStreamer, ContextError, Streamer, pick_dtype, sample_from, sample_tokens
 from anygpt.infer.settings import GenerationConfig, SamplingSettings, apply_setting_overrides, default_settings
 from anygpt.infer.testing import build_tiny_model_dir, excite_specials
 
@@ -332,9 +332,23 @@ def test_released_checkpoint_layout_and_roles(tmp_path):
 
 def test_bench_infer_smoke():
     """``anygpt bench infer`` parts run and report their ratios (tiny sizes; the numbers are the bench's job)."""
-    from anygpt.infer.bench import bench_lm, bench_soundstorm
+    from anygpt.infer.bench import bench_lm, bench_sampler, bench_soundstorm
 
     lm = bench_lm(model="tiny", context=64, new_tokens=4, free_tokens=8, repeats=1, device="cpu")
     assert lm["kv_cache_speedup"] > 0 and lm["constraint_overhead_ratio"] > 0 and lm["context"] == 64
     ss = bench_soundstorm(size="tiny", seconds=0.2, repeats=1, device="cpu")
     assert ss["frames"] == 10 and ss["ar_forward_passes"] == 70 and ss["soundstorm_speedup"] > 0
+    draws = bench_sampler(batch=4, vocab=100, allowed=10, repeats=1, device="cpu")
+    assert draws["speedup"] > 0 and draws["vocab"] == 100
+
+
+def test_sample_from_follows_the_probabilities_and_never_draws_a_zero():
+    """The inverse-CDF draw: frequencies match the row's probabilities (rows need not sum to 1), an id
+    of probability 0 is never drawn (not at either end of the row), and a seed repeats the draws."""
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 2.0]]).repeat(20000, 1)
+    draws = sample_from(probs, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, sample_from(probs, torch.Generator().manual_seed(0)))
+    first, second = draws[0::2], draws[1::2]
+    assert set(first.tolist()) == {1, 3, 4} and set(second.tolist()) == {5}
+    freq = torch.bincount(first, minlength=6).double() / first.numel()
+    assert torch.allclose(freq[[1, 3, 4]], torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), atol=0.015)

@@ -1,4 +1,4 @@
-"""Preference alignment of text->X generation on the training engine: offline/SpeechAlign-style DPO
+"""Preference alignment of text->X generation on the training engine: offline, SpeechAlign-style or reward-ranked DPO
 and online GRPO with a registry of rewards (ASR intelligibility, the demo's judge, guards).
 
 Modules (each importable on its own; heavy libraries load only when used):

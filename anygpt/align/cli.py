@@ -19,7 +19,8 @@ ALIGN_DESCRIPTION = (
     "key=value overrides; the same run as `deepspeed launch/align.py --config FILE ...`. align.method grpo: "
     "samples per prompt scored by align.rewards (asr: a local Whisper/CTC model; judge: the demo's judge), "
     "group-normalised advantages, clipped ratio, optional KL; dpo: pairs from a JSONL or SpeechAlign-style "
-    "(gold codes of shard pairs vs the policy's own samples, in rounds). Writes RUN_DIR/config.yaml, "
+    "(gold codes of shard pairs vs the policy's own samples, in rounds) or, with align.dpo.chosen=best, the best "
+    "vs the worst of align.group_size own samples by align.rewards. Writes RUN_DIR/config.yaml, "
     "metrics.jsonl, reward.png and checkpoints/ (resume with --resume auto; anygpt export turns it into a model).")
 
 

@@ -165,10 +165,10 @@ class AlignTrainer:
         else:
             self.pairs = []
             self.prompts = load_prompts(a.prompts, self.fmt, self.layout, cfg.run.seed)
-            if a.method == "dpo":
+            if a.method == "dpo" and not self.ranked:
                 self.prompts = [p for p in self.prompts if p.gold is not None]
         self.reward = None
-        if a.method == "grpo":
+        if a.method == "grpo" or self.ranked:
             context = RewardContext(self.layout, Path(cfg.model.name), cfg.model.codecs, rt.device, cfg.run.seed)
             self.reward = build_rewards(a.rewards, a.guards, context)
             self.reward.check_modalities(sorted({p.modality for p in self.prompts}))
@@ -183,6 +183,9 @@ class AlignTrainer:
             meta, state = self.ckpts.load(self.engine, plan.resume_from)
             self.step = int(meta["step"])
             self.round_cache = state.get("round_cache") or {}
+            if "answers" in self.round_cache:  # written before align.dpo.chosen: rejected answers only
+                self.round_cache = {"round": self.round_cache["round"],
+                                    "steps": {s: {"rejected": x} for s, x in self.round_cache["answers"].items()}}
         else:
             seed = cfg.run.seed + 1000 * rt.rank
             random.seed(seed)
@@ -204,10 +207,15 @@ class AlignTrainer:
 
         cfg, rt, b, a = self.cfg, self.rt, self.bundle, self.cfg.align
         pool = f"{len(self.pairs)} pairs" if self.pairs else f"{len(self.prompts)} prompts"
-        what = (f"GRPO, {a.prompts_per_step} prompts x {a.group_size} samples per rank, rewards "
-                f"{'+'.join(f'{r.weight:g}*{r.name}' for r in a.rewards)}" if a.method == "grpo" else
-                f"DPO (beta {a.dpo.beta}), {a.prompts_per_step} pairs per rank"
-                f"{'' if self.pairs else f', SpeechAlign-style in {a.dpo.rounds} round(s)'}")
+        rewards = "+".join(f"{r.weight:g}*{r.name}" for r in a.rewards)
+        if a.method == "grpo":
+            what = f"GRPO, {a.prompts_per_step} prompts x {a.group_size} samples per rank, rewards {rewards}"
+        else:
+            what = f"DPO (beta {a.dpo.beta}), {a.prompts_per_step} pairs per rank"
+            if self.ranked:
+                what += f", best vs worst of {a.group_size} samples by rewards {rewards} in {a.dpo.rounds} round(s)"
+            elif not self.pairs:
+                what += f", SpeechAlign-style in {a.dpo.rounds} round(s)"
         ref = ("none" if not self.needs_reference else
                "base with adapters disabled" if cfg.model.lora.enabled else "frozen copy")
         where = f"resumed at step {self.step}" if self.plan.resume_from else "fresh start"
@@ -359,40 +367,84 @@ class AlignTrainer:
         r = (step - 1) // per
         return r, r * per + 1, min((r + 1) * per, self.cfg.run.max_steps)
 
-    def _rejected(self, step: int) -> tuple[list[np.ndarray], float]:
-        """This step's rejected answers: the current policy's samples, generated for the whole round at
-        its first step (kept in the checkpoint, so a resumed run trains on the same pairs)."""
+    @property
+    def ranked(self) -> bool:
+        """DPO pairs of the policy's own samples ranked by the rewards (``align.dpo.chosen: best``)."""
+        a = self.cfg.align
+        return a.method == "dpo" and not a.dpo.pairs and a.dpo.chosen == "best"
+
+    def _round(self, step: int) -> tuple[dict[str, Any], float, float]:
+        """This step's sampled answers: generated for the whole round at its first step by the current
+        policy (kept in the checkpoint, so a resumed run trains on the same pairs).
+
+        Returns ``(entry, generation seconds, reward seconds)`` (zero seconds on the round's later
+        steps); ``entry["rejected"]`` holds one answer per prompt and, when ranked,
+        ``entry["chosen"]``, ``entry["live"]`` (the prompt's samples differ in reward) and the scored
+        samples (``rewards``, ``parts``, ``guards``) for the metrics."""
         r, first, last = self._round_of(step)
-        if self.round_cache.get("round") != r:
-            steps = list(range(first, last + 1))
-            prompts = [self.prompts[i] for s in steps for i in self._items(len(self.prompts), s)]
-            results, seconds = self._rollout(prompts, self._seed(first))
-            per = self.cfg.align.prompts_per_step
-            answers = [generated_response(x, self.layout) for x in results]
-            self.round_cache = {"round": r, "answers": {s: answers[i * per:(i + 1) * per] for i, s in enumerate(steps)}}
-            self.say(f"round {r + 1}/{self.cfg.align.dpo.rounds}: sampled {len(answers)} rejected answers per rank "
-                     f"with the current policy for steps {first}-{last} ({seconds:.1f}s)")
-            return self.round_cache["answers"][step], seconds
-        return self.round_cache["answers"][step], 0.0
+        if self.round_cache.get("round") == r:
+            return self.round_cache["steps"][step], 0.0, 0.0
+        a = self.cfg.align
+        g = a.group_size if self.ranked else 1
+        steps = list(range(first, last + 1))
+        prompts = [self.prompts[i] for s in steps for i in self._items(len(self.prompts), s)]
+        rows = [p for p in prompts for _ in range(g)]
+        results, t_gen = self._rollout(rows, self._seed(first))
+        answers = [generated_response(x, self.layout) for x in results]
+        t0 = time.perf_counter()
+        if self.ranked:
+            scored = self.reward([Sample(p.modality, p.text, first_span(x, p.modality), x.stop, len(x.issues))
+                                  for p, x in zip(rows, results)])
+            rewards = np.array([s["reward"] for s in scored], dtype=np.float64).reshape(len(prompts), g)
+        t_reward = time.perf_counter() - t0
+        per, entries = a.prompts_per_step, {}
+        for i, s in enumerate(steps):
+            block = range(i * per, (i + 1) * per)  # this step's prompts
+            if not self.ranked:
+                entries[s] = {"rejected": [answers[j] for j in block]}
+                continue
+            best = [int(np.argmax(rewards[j])) if np.isfinite(rewards[j]).all() else 0 for j in block]
+            worst = [int(np.argmin(rewards[j])) if np.isfinite(rewards[j]).all() else 0 for j in block]
+            lo = [slice(j * g, (j + 1) * g) for j in block]
+            entries[s] = {"chosen": [answers[j * g + b] for j, b in zip(block, best)],
+                          "rejected": [answers[j * g + w] for j, w in zip(block, worst)],
+                          "live": [bool(np.isfinite(rewards[j]).all() and rewards[j].max() > rewards[j].min())
+                                   for j in block],
+                          "failed": int((~np.isfinite(rewards[list(block)])).sum()),
+                          "rewards": [float(x["reward"]) for sl in lo for x in scored[sl]],
+                          "parts": [x["parts"] for sl in lo for x in scored[sl]],
+                          "guards": [x["guard"] for sl in lo for x in scored[sl]]}
+        self.round_cache = {"round": r, "steps": entries}
+        what = (f"{g} answers per prompt ({len(answers)} per rank), ranked by the rewards," if self.ranked
+                else f"{len(answers)} rejected answers per rank")
+        self.say(f"round {r + 1}/{a.dpo.rounds}: sampled {what} with the current policy for steps {first}-{last} "
+                 f"({t_gen:.1f}s)")
+        return entries[step], t_gen, t_reward
 
     def dpo_step(self, step: int) -> dict[str, Any]:
         a = self.cfg.align
         t_step, lr = time.perf_counter(), float(self.engine.get_lr()[0])
-        t_gen = 0.0
+        t_gen = t_reward = 0.0
+        entry: dict[str, Any] = {}
         if self.pairs:
             pairs = [self.pairs[i] for i in self._items(len(self.pairs), step)]
         else:
             picked = [self.prompts[i] for i in self._items(len(self.prompts), step)]
-            rejected, t_gen = self._rejected(step)
-            pairs = [PreferencePair(p.ids, response_ids(self.fmt, [Media(p.modality, p.gold)]), rj, p.key)
-                     for p, rj in zip(picked, rejected)]
+            entry, t_gen, t_reward = self._round(step)
+            chosen = entry.get("chosen") or [response_ids(self.fmt, [Media(p.modality, p.gold)]) for p in picked]
+            pairs = [PreferencePair(p.ids, c, rj, p.key) for p, c, rj in zip(picked, chosen, entry["rejected"])]
+        live = entry.get("live", [True] * len(pairs))
         t0 = time.perf_counter()
         rows = [(p.prompt, x) for p in pairs for x in (p.chosen, p.rejected)]
         batches = self._micro_batches(rows)
         self.engine.eval()
         ref = {k: self._reference_logprobs(make_batch([rows[i] for i in idx], self.pad_id, self.rt.device))
                for k, idx in enumerate(batches)}
-        n_pairs = len(pairs) * self.rt.world_size
+        # Every pair runs (same passes on every rank); a skipped one has weight 0, and the loss is the
+        # mean over the live pairs of all ranks.
+        n_live = max(int(self._all_reduce(torch.tensor(float(sum(live)), dtype=torch.float64,
+                                                       device=self.rt.device)).item()), 1)
+        pair_w = torch.tensor([1.0 if ok else 0.0 for ok in live], dtype=torch.float64)
 
         def loss_of(k, batch, logp, token_rows, update):
             n = len(batches[k])
@@ -401,12 +453,16 @@ class AlignTrainer:
             counts = torch.bincount(token_rows, minlength=n)
             losses, st = dpo_loss(pi[0::2], pi[1::2], rf[0::2], rf[1::2], a.dpo.beta, a.dpo.label_smoothing,
                                   a.dpo.sft_weight, counts[0::2])
-            stats = {key: v.sum() / n_pairs for key, v in st.items()}
-            return losses.sum() / n_pairs, stats
+            w = pair_w[[i // 2 for i in batches[k][0::2]]].to(losses.dtype).to(losses.device)
+            stats = {key: (v * w).sum() / n_live for key, v in st.items()}
+            return (losses * w).sum() / n_live, stats
 
         sums = self._update(1, rows, loss_of)
-        local = {"sums": sums, "lengths": [len(x) for _, x in rows], "time_generation": t_gen, "time_reward": 0.0,
+        local = {"sums": sums, "lengths": [len(x) for _, x in rows], "time_generation": t_gen, "time_reward": t_reward,
                  "time_update": time.perf_counter() - t0, "time_step": time.perf_counter() - t_step}
+        if "rewards" in entry:
+            local.update({k: entry[k] for k in ("rewards", "parts", "guards", "failed")},
+                         skipped_groups=len(live) - sum(live))
         return self._row(step, local, lr)
 
     # ------------------------------------------------------------------ metrics

@@ -210,7 +210,7 @@ class AttributeJudge:
 
 
 def evaluate_synthetic(lm: Any, codecs: dict[str, Any], shards_root: Path, n_items: int = 48,
-                       batch_size: int = 8, seed: int = 0,
+                       batch_size: int = 48, seed: int = 0,
                        sampling: Sequence[str] = SYNTHETIC_SAMPLING, text2x_only: bool = False) -> dict[str, Any]:
     """Score both directions of every demo modality the model's layout has on ``n_items`` held-out test
     items per direction (half of them novel attribute combinations, half new renderings of seen ones)

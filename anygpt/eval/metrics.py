@@ -110,6 +110,26 @@ def code_features(codes_list: Sequence[Any], codebook_size: int | None = None, n
     return flat.astype(np.float32)
 
 
+def _compact_codes(gen: list[np.ndarray], ref: list[np.ndarray], k: int,
+                   v: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """Renumber the codes in ``[0, v)`` of the first ``k`` codebooks to the symbols that occur at all.
+
+    The cosine of histograms is unchanged (a symbol no array uses adds zero to every dot product and
+    norm), but the histograms shrink from ``v`` bins to the symbols used: a per-slot image judge has
+    ``v`` = 32 slots x 8192 codes, i.e. a gigabyte of dense float64 features for a few hundred
+    references.  Codes outside ``[0, v)`` become ``-1`` (ignored, as before)."""
+    rows = [a[:k] for a in gen + ref]
+    flat = np.concatenate([r.ravel() for r in rows]) if rows else np.zeros(0, dtype=np.int64)
+    symbols = np.unique(flat[(flat >= 0) & (flat < v)])
+
+    def remap(a: np.ndarray) -> np.ndarray:
+        a = a[:k]
+        inside = (a >= 0) & (a < v)
+        return np.where(inside, np.searchsorted(symbols, np.where(inside, a, 0)), -1)
+
+    return [remap(a) for a in gen], [remap(a) for a in ref], max(len(symbols), 1)
+
+
 def nearest_reference_accuracy(
     generated: Sequence[np.ndarray],
     targets: Sequence[int],
@@ -154,6 +174,8 @@ def nearest_reference_accuracy(
     v = codebook_size
     if v is None:
         v = max((int(a[:k].max()) + 1 for a in gen_arrays + ref_arrays if a[:k].size), default=1)
+    if not bigrams:
+        gen_arrays, ref_arrays, v = _compact_codes(gen_arrays, ref_arrays, k, v)
     ref_f = code_features(ref_arrays, v, k, bigrams)
     preds = np.full(n, -1, dtype=np.int64)
     if n:

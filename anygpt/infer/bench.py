@@ -7,6 +7,9 @@
 3. SoundStorm decoding of 10 s of speech (RVQ layers 2-8 from layer 1) vs autoregressive decoding of
    the same 7 x 500 codes by a same-size causal transformer with a KV cache (time ratio): why speech
    is rendered by a parallel decoder.
+4. Drawing one id per row from ``[64, V]`` probabilities at the AnyGPT-layout vocabulary size:
+   ``torch.multinomial`` vs the inverse-CDF draw the generator uses (:func:`sample_from`), time
+   ratio: why sampling is not ``multinomial`` (on CPU it cost more than a tiny model's decode step).
 
 Models are random (speed does not depend on weights); every number is the best of ``repeats``
 interleaved runs, because on a shared machine the noise between back-to-back runs is larger than
@@ -24,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from anygpt.decoders.soundstorm import DEFAULT_STEPS, SoundStorm, SoundStormConfig
-from anygpt.infer.generation import Generator, cache_argument, new_cache, pick_device
+from anygpt.infer.generation import Generator, cache_argument, new_cache, pick_device, sample_from
 from anygpt.infer.settings import GenerationConfig
 from anygpt.model import build_model
 from anygpt.text_tokenizer import prepare_tokenizer, train_tiny_tokenizer
@@ -144,9 +147,24 @@ def bench_soundstorm(size: str = "small", seconds: float = 10.0, repeats: int = 
     }
 
 
+def bench_sampler(batch: int = 64, vocab: int = 18020, allowed: int = 1024, repeats: int = 20,
+                  device: str | None = None) -> dict[str, Any]:
+    """Part 4: one draw per row of ``[batch, vocab]`` probabilities (``allowed`` ids nonzero per row,
+    as when a span's range is the only one open): ``torch.multinomial`` vs :func:`sample_from`."""
+    dev = pick_device(device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    logits = torch.full((batch, vocab), float("-inf"), device=dev)
+    logits[:, :allowed] = torch.randn((batch, allowed), generator=g, device=dev)
+    probs = logits.softmax(dim=-1)
+    t_multinomial = _best(lambda: torch.multinomial(probs, 1, generator=g), repeats)
+    t_cdf = _best(lambda: sample_from(probs, g), repeats)
+    return {"batch": batch, "vocab": vocab, "allowed": allowed, "multinomial_ms": t_multinomial * 1e3,
+            "inverse_cdf_ms": t_cdf * 1e3, "speedup": t_multinomial / t_cdf, "device": dev.type}
+
+
 def bench_infer(model: str = "small", context: int = 1024, soundstorm_size: str | None = None,
                 repeats: int = 4, device: str | None = None, verbose: bool = True) -> dict[str, Any]:
-    """Run all three parts; returns a JSON-ready dict and prints a table when ``verbose``.
+    """Run all four parts; returns a JSON-ready dict and prints a table when ``verbose``.
 
     Args:
         model: LM config for parts 1-2 (``tiny`` / ``small``).
@@ -159,7 +177,8 @@ def bench_infer(model: str = "small", context: int = 1024, soundstorm_size: str 
     size = soundstorm_size or ("release" if pick_device(device).type == "cuda" else "tiny")
     lm = bench_lm(model=model, context=context, repeats=repeats, device=device)
     ss = bench_soundstorm(size=size, repeats=max(1, repeats - 1), device=device)
-    result = {"lm": lm, "soundstorm": ss}
+    sampler = bench_sampler(device=device)
+    result = {"lm": lm, "soundstorm": ss, "sampler": sampler}
     if verbose:
         print(f"bench infer ({lm['model']} LM, {lm['params'] / 1e6:.1f}M params, vocab {lm['vocab']}, {lm['device']})")
         print(f"  decoding at {lm['context']}-token context, {lm['new_tokens']} new tokens (prefill excluded)")
@@ -176,4 +195,8 @@ def bench_infer(model: str = "small", context: int = 1024, soundstorm_size: str 
         print(f"    SoundStorm             {ss['soundstorm_s']:9.2f} s   ({ss['soundstorm_forward_passes']} forward passes)")
         print(f"    autoregressive         {ss['autoregressive_s']:9.2f} s   ({ss['ar_forward_passes']} forward passes)   "
               f"ratio {ss['soundstorm_speedup']:.1f}x")
+        print(f"  one draw per row of [{sampler['batch']}, {sampler['vocab']}] probabilities "
+              f"({sampler['allowed']} ids allowed)")
+        print(f"    torch.multinomial      {sampler['multinomial_ms']:9.2f} ms")
+        print(f"    inverse CDF            {sampler['inverse_cdf_ms']:9.2f} ms   ratio {sampler['speedup']:.1f}x")
     return json.loads(json.dumps(result, default=float))

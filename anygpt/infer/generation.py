@@ -96,11 +96,25 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen & (p != 1.0), penalised, logits)
 
 
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row of ``[B, V]`` probabilities (rows need not sum to 1): inverse-CDF sampling.
+
+    Same distribution as ``torch.multinomial(probs, 1)``, ~20x faster on CPU at V = 18k (multinomial
+    normalises and scans each row separately; this is one cumsum and one binary search per row), which
+    made sampling, not the model, most of a decode step.  An id with probability 0 is never drawn:
+    the draw lies in ``(0, total]`` and the search takes the first id whose cumulative sum reaches it.
+    """
+    cdf = probs.float().cumsum(dim=-1)
+    u = (1.0 - torch.rand((probs.shape[0], 1), generator=generator, device=probs.device)) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """One id per row from ``[B, V]`` logits with per-row temperature (0 = argmax), top-k and top-p.
 
-    Masked ids must already be ``-inf``; every row must allow at least one id.
+    Masked ids must already be ``-inf``; every row must allow at least one id.  Top-k and top-p run
+    on the rows that ask for them only (a full-vocabulary sort costs more than the tiny model's step).
     """
     greedy_ids = logits.argmax(dim=-1)
     greedy = temperature <= 0
@@ -108,19 +122,20 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         return greedy_ids
     x = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     neg_inf = torch.finfo(x.dtype).min
-    if bool((top_k > 0).any()):
-        kmax = int(min(int(top_k.max()), x.shape[-1]))
-        kth = x.topk(kmax, dim=-1).values.gather(1, (top_k.clamp(1, kmax) - 1)[:, None])
-        x = torch.where((top_k[:, None] > 0) & (x < kth), torch.full_like(x, neg_inf), x)
-    if bool((top_p < 1.0).any()):
-        sorted_x, order = x.sort(dim=-1, descending=True)
+    rows = (top_k > 0).nonzero().squeeze(1)
+    if rows.numel():
+        sub, k = x[rows], top_k[rows]
+        kmax = int(min(int(k.max()), x.shape[-1]))
+        kth = sub.topk(kmax, dim=-1).values.gather(1, (k.clamp(1, kmax) - 1)[:, None])
+        x[rows] = sub.masked_fill(sub < kth, neg_inf)
+    rows = (top_p < 1.0).nonzero().squeeze(1)
+    if rows.numel():
+        sorted_x, order = x[rows].sort(dim=-1, descending=True)
         probs = sorted_x.softmax(dim=-1)
         # Drop an id when the ids more likely than it already reach top_p (the first always stays).
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
-        sorted_x = sorted_x.masked_fill(drop, neg_inf)
-        x = torch.full_like(x, neg_inf).scatter(1, order, sorted_x)
-    probs = x.float().softmax(dim=-1)
-    sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p[rows][:, None]
+        x[rows] = torch.full_like(sorted_x, neg_inf).scatter(1, order, sorted_x.masked_fill(drop, neg_inf))
+    sampled = sample_from(x.float().softmax(dim=-1), generator)
     return torch.where(greedy, greedy_ids, sampled)
 
 
