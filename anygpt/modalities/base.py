@@ -200,7 +200,6 @@ class AudioCodec(Codec):
                              f"[{int(codes.min())}, {int(codes.max())}]")
 
 
-
 class TransformersAudioCodec(AudioCodec):
     """A waveform codec that *is* a transformers model (Encodec, Mimi): built from a config dict,
     loaded strictly from a ``save_pretrained``-layout directory, saved with ``save_pretrained``.
@@ -297,5 +296,6 @@ class TransformersAudioCodec(AudioCodec):
         with quiet_transformers():
             self.model.save_pretrained(str(directory))
         write_card(self.card, directory, **card_updates)
+
 
 __all__ = ["TransformersAudioCodec", "Codec", "AudioCodec", "CodecError"]

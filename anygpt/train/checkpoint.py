@@ -119,7 +119,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: no complete checkpoint found")
 
 
-# ---------------------------------------------------------------------------- RNG
+# ---------------------------------------------------------------------------- run files
 def run_files(cfg: Any, layout: Any, tokenizer: Any, model: Any) -> dict[str, Any]:
     """What every checkpoint of a run holds beside the weights (``anygpt export`` reads them): the
     resolved config, the vocabulary layout, the tokenizer and the Hugging Face model config (of the
@@ -132,6 +132,7 @@ def run_files(cfg: Any, layout: Any, tokenizer: Any, model: Any) -> dict[str, An
             "hf_config": lambda t: hf_config.save_pretrained(str(t))}
 
 
+# ---------------------------------------------------------------------------- RNG
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -23,9 +23,9 @@ import torch
 
 from anygpt.attention import LOADER_ATTENTION, attention_inputs
 from anygpt.config import TrainConfig, save_config, to_dict
-from anygpt.train.checkpoint import run_files
 from anygpt.data.examples import task_names
 from anygpt.eval.loss import heldout_loss
+from anygpt.train.checkpoint import run_files
 from anygpt.train.losses import lm_loss
 
 
