@@ -106,6 +106,9 @@ def test_mistakes_are_one_line_before_any_rank_starts(tmp_path, model_dir, promp
         (["align.sampling=[speech.temprature=0.8]"], r"^align\.sampling: "),
         ([f"model.name={tmp_path}"], r"^model\.name: .* not an exported model directory"),
         (["align.method=dpo", f"align.dpo.pairs={tmp_path / 'pairs.jsonl'}"], r"^align\.dpo\.pairs: .* not found"),
+        (["align.method=dpo", "align.dpo.chosen=best", "align.rewards=[]"],
+         r"^align\.rewards: align\.dpo\.chosen: best needs at least one reward"),
+        (["align.method=dpo", "align.dpo.chosen=bestest"], r"^align\.dpo\.chosen"),
     ]
     for overrides, pattern in cases:
         rc = align_main(["--config", str(cfg), "--nproc", "2", *overrides])

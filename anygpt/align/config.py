@@ -145,6 +145,12 @@ class AlignConfig:
         return a.prompts_per_step * (a.group_size if a.method == "grpo" else 2)
 
     @property
+    def ranked_pairs(self) -> bool:
+        """DPO pairs of the policy's own samples ranked by the rewards (``align.dpo.chosen: best``)."""
+        a = self.align
+        return a.method == "dpo" and not a.dpo.pairs and a.dpo.chosen == "best"
+
+    @property
     def updates_per_step(self) -> int:
         return self.align.updates_per_rollout if self.align.method == "grpo" else 1
 
@@ -197,7 +203,7 @@ class AlignConfig:
         offline = a.method == "dpo" and a.dpo.pairs
         if not offline and not (p.shards or p.file):
             raise ConfigError("align.prompts: give shards (text, media pairs) or a file of prompts")
-        ranked = a.method == "dpo" and not offline and a.dpo.chosen == "best"
+        ranked = self.ranked_pairs
         if a.method == "dpo" and not offline and not ranked and not p.shards:
             raise ConfigError("align.prompts.shards: SpeechAlign-style DPO needs shards (their codes are the "
                               "chosen answers), or set align.dpo.pairs")

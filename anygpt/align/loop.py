@@ -165,10 +165,10 @@ class AlignTrainer:
         else:
             self.pairs = []
             self.prompts = load_prompts(a.prompts, self.fmt, self.layout, cfg.run.seed)
-            if a.method == "dpo" and not self.ranked:
+            if a.method == "dpo" and not self.cfg.ranked_pairs:
                 self.prompts = [p for p in self.prompts if p.gold is not None]
         self.reward = None
-        if a.method == "grpo" or self.ranked:
+        if a.method == "grpo" or self.cfg.ranked_pairs:
             context = RewardContext(self.layout, Path(cfg.model.name), cfg.model.codecs, rt.device, cfg.run.seed)
             self.reward = build_rewards(a.rewards, a.guards, context)
             self.reward.check_modalities(sorted({p.modality for p in self.prompts}))
@@ -212,7 +212,7 @@ class AlignTrainer:
             what = f"GRPO, {a.prompts_per_step} prompts x {a.group_size} samples per rank, rewards {rewards}"
         else:
             what = f"DPO (beta {a.dpo.beta}), {a.prompts_per_step} pairs per rank"
-            if self.ranked:
+            if self.cfg.ranked_pairs:
                 what += f", best vs worst of {a.group_size} samples by rewards {rewards} in {a.dpo.rounds} round(s)"
             elif not self.pairs:
                 what += f", SpeechAlign-style in {a.dpo.rounds} round(s)"
@@ -367,12 +367,6 @@ class AlignTrainer:
         r = (step - 1) // per
         return r, r * per + 1, min((r + 1) * per, self.cfg.run.max_steps)
 
-    @property
-    def ranked(self) -> bool:
-        """DPO pairs of the policy's own samples ranked by the rewards (``align.dpo.chosen: best``)."""
-        a = self.cfg.align
-        return a.method == "dpo" and not a.dpo.pairs and a.dpo.chosen == "best"
-
     def _round(self, step: int) -> tuple[dict[str, Any], float, float]:
         """This step's sampled answers: generated for the whole round at its first step by the current
         policy (kept in the checkpoint, so a resumed run trains on the same pairs).
@@ -384,15 +378,15 @@ class AlignTrainer:
         r, first, last = self._round_of(step)
         if self.round_cache.get("round") == r:
             return self.round_cache["steps"][step], 0.0, 0.0
-        a = self.cfg.align
-        g = a.group_size if self.ranked else 1
+        a, ranked = self.cfg.align, self.cfg.ranked_pairs
+        g = a.group_size if ranked else 1
         steps = list(range(first, last + 1))
         prompts = [self.prompts[i] for s in steps for i in self._items(len(self.prompts), s)]
         rows = [p for p in prompts for _ in range(g)]
         results, t_gen = self._rollout(rows, self._seed(first))
         answers = [generated_response(x, self.layout) for x in results]
         t0 = time.perf_counter()
-        if self.ranked:
+        if ranked:
             scored = self.reward([Sample(p.modality, p.text, first_span(x, p.modality), x.stop, len(x.issues))
                                   for p, x in zip(rows, results)])
             rewards = np.array([s["reward"] for s in scored], dtype=np.float64).reshape(len(prompts), g)
@@ -400,22 +394,23 @@ class AlignTrainer:
         per, entries = a.prompts_per_step, {}
         for i, s in enumerate(steps):
             block = range(i * per, (i + 1) * per)  # this step's prompts
-            if not self.ranked:
+            if not ranked:
                 entries[s] = {"rejected": [answers[j] for j in block]}
                 continue
-            best = [int(np.argmax(rewards[j])) if np.isfinite(rewards[j]).all() else 0 for j in block]
-            worst = [int(np.argmin(rewards[j])) if np.isfinite(rewards[j]).all() else 0 for j in block]
-            lo = [slice(j * g, (j + 1) * g) for j in block]
-            entries[s] = {"chosen": [answers[j * g + b] for j, b in zip(block, best)],
-                          "rejected": [answers[j * g + w] for j, w in zip(block, worst)],
-                          "live": [bool(np.isfinite(rewards[j]).all() and rewards[j].max() > rewards[j].min())
-                                   for j in block],
-                          "failed": int((~np.isfinite(rewards[list(block)])).sum()),
-                          "rewards": [float(x["reward"]) for sl in lo for x in scored[sl]],
-                          "parts": [x["parts"] for sl in lo for x in scored[sl]],
-                          "guards": [x["guard"] for sl in lo for x in scored[sl]]}
+            entry: dict[str, Any] = {"chosen": [], "rejected": [], "live": [], "failed": 0}
+            for j in block:
+                r_j, first_row = rewards[j], j * g
+                ok = bool(np.isfinite(r_j).all())
+                entry["chosen"].append(answers[first_row + (int(np.argmax(r_j)) if ok else 0)])
+                entry["rejected"].append(answers[first_row + (int(np.argmin(r_j)) if ok else 0)])
+                entry["live"].append(ok and bool(r_j.max() > r_j.min()))  # equal rewards teach nothing
+                entry["failed"] += int((~np.isfinite(r_j)).sum())
+            group = scored[block[0] * g:(block[-1] + 1) * g]
+            entry.update(rewards=[float(x["reward"]) for x in group], parts=[x["parts"] for x in group],
+                         guards=[x["guard"] for x in group])
+            entries[s] = entry
         self.round_cache = {"round": r, "steps": entries}
-        what = (f"{g} answers per prompt ({len(answers)} per rank), ranked by the rewards," if self.ranked
+        what = (f"{g} answers per prompt ({len(answers)} per rank), ranked by the rewards," if ranked
                 else f"{len(answers)} rejected answers per rank")
         self.say(f"round {r + 1}/{a.dpo.rounds}: sampled {what} with the current policy for steps {first}-{last} "
                  f"({t_gen:.1f}s)")
@@ -431,7 +426,8 @@ class AlignTrainer:
         else:
             picked = [self.prompts[i] for i in self._items(len(self.prompts), step)]
             entry, t_gen, t_reward = self._round(step)
-            chosen = entry.get("chosen") or [response_ids(self.fmt, [Media(p.modality, p.gold)]) for p in picked]
+            chosen = (entry["chosen"] if "chosen" in entry else
+                      [response_ids(self.fmt, [Media(p.modality, p.gold)]) for p in picked])
             pairs = [PreferencePair(p.ids, c, rj, p.key) for p, c, rj in zip(picked, chosen, entry["rejected"])]
         live = entry.get("live", [True] * len(pairs))
         t0 = time.perf_counter()
