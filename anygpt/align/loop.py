@@ -26,7 +26,9 @@ uninterrupted run's steps exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
 import random
 import time
@@ -159,12 +161,16 @@ class AlignTrainer:
         if cfg.model.codecs:
             media = MediaIO(self.layout, cfg.model.codecs if cfg.model.codecs == "tiny" else Path(cfg.model.codecs),
                             None, rt.device)
-        if a.method == "dpo" and a.dpo.pairs:
-            self.pairs = load_pairs(a.dpo.pairs, self.fmt, self.layout, media)
-            self.prompts: list[Prompt] = []
-        else:
-            self.pairs = []
-            self.prompts = load_prompts(a.prompts, self.fmt, self.layout, cfg.run.seed)
+        # Every rank reads the same prompts or pairs; only the first names what it skipped (one line
+        # per bad item, not one per rank).  Errors still stop every rank.
+        quiet = contextlib.nullcontext() if rt.is_main else contextlib.redirect_stderr(io.StringIO())
+        with quiet:
+            if a.method == "dpo" and a.dpo.pairs:
+                self.pairs = load_pairs(a.dpo.pairs, self.fmt, self.layout, media)
+                self.prompts: list[Prompt] = []
+            else:
+                self.pairs = []
+                self.prompts = load_prompts(a.prompts, self.fmt, self.layout, cfg.run.seed)
             if a.method == "dpo" and not self.cfg.ranked_pairs:
                 self.prompts = [p for p in self.prompts if p.gold is not None]
         self.reward = None
