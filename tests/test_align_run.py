@@ -1,7 +1,8 @@
 """`anygpt align` runs on a tiny random model (one CPU rank, ZeRO-3): a deterministic reward ("more of
 these codes") rises under GRPO and the export of the run carries it; offline DPO raises its margin;
 SpeechAlign-style DPO regenerates its rejected answers per round; the `asr` reward runs inside the
-trainer; mistakes (a missing reward model directory, ...) are one line before any rank starts."""
+trainer; mistakes (a missing reward model directory, ...) are one line before any rank starts, and ranks
+that read different prompts stop the run."""
 from __future__ import annotations
 
 import json
@@ -129,6 +130,29 @@ def test_missing_asr_dir_through_the_launch_script(tmp_path, model_dir, prompts)
         f"error: align.rewards[0].options.model {tmp_path / 'asr'}: no such directory (a local Whisper or wav2vec 2.0 "
         f"CTC model directory)"]
     assert not (tmp_path / "run").exists()
+
+
+
+def test_ranks_that_read_different_prompts_stop(tmp_path, model_dir, prompts):
+    """Only the first rank names what it skipped while reading; a rank whose copy of the files holds
+    other items (node-local data) must then stop the run, not train on a pool of its own."""
+    site = tmp_path / "site"
+    site.mkdir()
+    # Rank 1 reads one prompt fewer, as if its node's copy of the file were older.
+    (site / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import anygpt.align.rollout as r\n"
+        "    _load = r.load_prompts\n"
+        "    r.load_prompts = lambda *a, **k: _load(*a, **k)[:-1]\n")
+    cfg = write_config(tmp_path / "a.yaml", model_dir, prompts, tmp_path / "run")
+    env = _env()
+    env["PYTHONPATH"] = str(site) + os.pathsep + env["PYTHONPATH"]
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "align.py"), "--nproc", "2", "--config", str(cfg),
+                           "run.max_steps=1"], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode != 0
+    assert "the ranks read different prompts (counts by rank: [4, 3])" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 # ---------------------------------------------------------------------------- runs (slow)

@@ -173,6 +173,12 @@ class AlignTrainer:
                 self.prompts = load_prompts(a.prompts, self.fmt, self.layout, cfg.run.seed)
             if a.method == "dpo" and not self.cfg.ranked_pairs:
                 self.prompts = [p for p in self.prompts if p.gold is not None]
+        # What the silenced ranks skipped must not differ unseen (node-local copies of the files):
+        # ranks drawing from pools of different sizes would also train on different items.
+        sizes = self._gather(len(self.pairs) or len(self.prompts))
+        if len(set(sizes)) > 1:
+            raise ConfigError(f"align: the ranks read different {'pairs' if self.pairs else 'prompts'} (counts by "
+                              f"rank: {sizes}); give every node the same files")
         self.reward = None
         if a.method == "grpo" or self.cfg.ranked_pairs:
             context = RewardContext(self.layout, Path(cfg.model.name), cfg.model.codecs, rt.device, cfg.run.seed)
