@@ -156,6 +156,61 @@ def test_lm_head_only_at_targets_gives_the_full_forward_loss_and_gradients(tiny_
     assert model(input_ids=ids).logits.shape == (3, 16, tiny_layout.total)  # hook gone after the block
 
 
+def test_chunked_head_cross_entropy_matches_the_logits_path_for_any_weighting(tiny_layout, monkeypatch):
+    import anygpt.train.losses as losses
+
+    monkeypatch.setitem(losses._CHUNK_BYTES, "cpu", 4 * 1000 * 40)  # 40 rows a chunk: 8 chunks, a short last one
+    torch.manual_seed(0)
+    n, h, v = 300, 16, 1000
+    hidden = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, v, (n,))
+    per_row = torch.rand(n, dtype=torch.float64)
+    for plain_mean in (True, False):
+        for weights in (None, per_row):  # a mean (training), per-token weights (alignment)
+            ce = losses.head_cross_entropy(hidden, weight, target, plain_mean=plain_mean).double()
+            ref = torch.nn.functional.cross_entropy(hidden @ weight.t(), target, reduction="none")
+            got, want = [(x.mean() if weights is None else (x * weights).sum()) for x in (ce, ref)]
+            assert torch.allclose(got, want, rtol=1e-6)
+            for a, b in zip(torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(want, (hidden, weight))):
+                assert (a - b).abs().max() < 1e-5 * b.abs().max(), (plain_mean, weights is None)
+    # A non-finite loss still gives non-finite gradients (the trainer relies on it to skip the update).
+    ce = losses.head_cross_entropy(hidden, weight, target)
+    g = torch.autograd.grad(ce.mean() * float("nan"), weight)[0]
+    assert torch.isnan(g).all()
+    # A micro-batch with no targets: an empty loss, zero gradients, no error.
+    empty = losses.head_cross_entropy(hidden[:0], weight, target[:0])
+    assert empty.shape == (0,) and not torch.autograd.grad(empty.sum(), weight)[0].any()
+
+
+def test_lm_loss_through_the_chunked_head_equals_the_logits_path(tiny_layout):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from anygpt.data import TASK_NAMES
+    from anygpt.train.losses import TokenLoss, fusable_head, lm_loss, logits_only_at, target_positions
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tiny_layout.total, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg)
+    assert fusable_head(model) is model.lm_head
+    lf = TokenLoss(tiny_layout, TASK_NAMES, torch.device("cpu"))
+    ids = torch.randint(0, 500, (3, 16))
+    labels = ids.clone()
+    labels[:, :9] = -100
+    labels[1, 12:] = -100
+    tasks = torch.full((3, 16), TASK_NAMES.index("text2image"))
+    with logits_only_at(model, target_positions(labels)):
+        ref_loss, ref_stats, _ = lf(model(input_ids=ids).logits, labels, tasks)
+    ref_grads = torch.autograd.grad(ref_loss, [model.lm_head.weight, model.model.embed_tokens.weight])
+    batch = {"labels": labels, "tasks": tasks}
+    loss, stats, bad = lm_loss(model, model, {"input_ids": ids}, batch, lf)
+    assert torch.allclose(loss, ref_loss, atol=1e-6) and torch.allclose(stats, ref_stats, atol=1e-5) and bad == []
+    grads = torch.autograd.grad(loss, [model.lm_head.weight, model.model.embed_tokens.weight])
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads, ref_grads))
+    assert model(input_ids=ids).logits.shape == (3, 16, tiny_layout.total)  # the head's forward is back
+
+
 # ---------------------------------------------------------------------------- metrics + plot
 def test_metrics_resume_truncates_and_plot_writes_png(tmp_path):
     from anygpt.train.metrics import METRICS, RunLogger, read_jsonl
@@ -320,6 +375,8 @@ def test_bench_train_reports_overhead_ratio_and_loader_headroom():
     assert result["overhead_ratio"] == pytest.approx(result["trainer_step_s"] / result["bare_step_s"])
     assert result["loader_tokens_per_s"] > 0 and result["train_tokens_per_s"] > 0
     assert "ratio trainer/bare" in proc.stdout
+    assert result["chunked_head_speedup"] == pytest.approx(result["head_at_targets_step_s"] / result["chunked_head_step_s"])
+    assert "chunked head and loss" in proc.stdout
 
 
 @pytest.mark.slow

@@ -8,8 +8,10 @@ Three numbers on the same engine, model and batch shape (one rank, in this proce
   fixed batch (the floor any trainer pays);
 - loader: batches/s and tokens/s of ``next(loader)`` alone, against the tokens/s training consumes;
 - LM head only at targets: the bare step again with response-only labels (what stage 2 trains on),
-  once with full ``[B, L, V]`` logits and once under :func:`~anygpt.train.losses.logits_only_at`
-  (what the trainer does), so the ratio is the saving of computing the head only where there is a target.
+  once with full ``[B, L, V]`` logits and once under :func:`~anygpt.train.losses.logits_only_at`, so
+  the ratio is the saving of computing the head only where there is a target; and a third time through
+  the chunked head and loss (:func:`~anygpt.train.losses.head_loss_at`, what the trainer does), against
+  the ``[N, V]`` logits at the targets.
 
 Also :func:`synthetic_corpus` (tiny tokenizer + shards written through :mod:`anygpt.data.schema`, code
 shapes from the codec cards), used by the benchmark and the training tests.
@@ -105,7 +107,7 @@ def bench_train(steps: int = 10, seq_len: int = 256, micro_batch_size: int = 4, 
     """
     from anygpt.config import load_train_config
     from anygpt.train.loop import Trainer
-    from anygpt.train.losses import IGNORE, logits_only_at, target_positions
+    from anygpt.train.losses import IGNORE, head_loss_at, logits_only_at, target_positions
 
     tmp = tempfile.TemporaryDirectory(prefix="anygpt-bench-train-") if workdir is None else None
     root = Path(workdir or tmp.name)
@@ -146,12 +148,18 @@ def bench_train(steps: int = 10, seq_len: int = 256, micro_batch_size: int = 4, 
             engine.backward(trainer.loss_fn(logits, answer)[0])
             engine.step()
 
+        def chunked_head() -> None:
+            with head_loss_at(engine.module, head_at, answer[:, 1:][head_at[:, :-1]]):
+                ce = engine(**inputs).logits
+            engine.backward(trainer.loss_fn.reduce(ce, answer)[0])
+            engine.step()
+
         for _ in range(warmup):
             trainer.train_step()
             bare()
         # Interleaved blocks, best of each: on a shared machine the noise between two back-to-back
         # measurements is larger than the difference being measured.
-        trainer_s = bare_s = full_s = targets_s = float("inf")
+        trainer_s = bare_s = full_s = targets_s = chunked_s = float("inf")
         train_tps = 0.0
         for _ in range(repeats):
             tokens_before = trainer.tokens
@@ -161,6 +169,7 @@ def bench_train(steps: int = 10, seq_len: int = 256, micro_batch_size: int = 4, 
             bare_s = min(bare_s, _mean_time(bare, steps))
             full_s = min(full_s, _mean_time(full_head, steps))
             targets_s = min(targets_s, _mean_time(head_at_targets, steps))
+            chunked_s = min(chunked_s, _mean_time(chunked_head, steps))
 
         n_batches = 4 * steps
         t0 = time.perf_counter()
@@ -179,6 +188,7 @@ def bench_train(steps: int = 10, seq_len: int = 256, micro_batch_size: int = 4, 
             "packing_efficiency": stats.get("packing_efficiency"),
             "target_fraction": float(head_at.float().mean()), "full_head_step_s": full_s,
             "head_at_targets_step_s": targets_s, "head_at_targets_speedup": full_s / targets_s,
+            "chunked_head_step_s": chunked_s, "chunked_head_speedup": targets_s / chunked_s,
         }
         if verbose:
             print(f"bench train ({model}, {result['params'] / 1e6:.2f}M params, {micro_batch_size}x{seq_len} tokens, "
@@ -190,7 +200,8 @@ def bench_train(steps: int = 10, seq_len: int = 256, micro_batch_size: int = 4, 
                   f"({result['loader_batches_per_s']:.1f} batches/s, headroom x{result['loader_headroom']:.1f})")
             print(f"  response-only loss ({result['target_fraction']:.0%} of positions are targets): full LM head "
                   f"{full_s * 1e3:.1f} ms, head at targets {targets_s * 1e3:.1f} ms, "
-                  f"speed-up x{result['head_at_targets_speedup']:.2f}")
+                  f"speed-up x{result['head_at_targets_speedup']:.2f}; chunked head and loss {chunked_s * 1e3:.1f} ms, "
+                  f"x{result['chunked_head_speedup']:.2f} over the logits at the targets")
         return json.loads(json.dumps(result, default=float))
     finally:
         if tmp is not None:

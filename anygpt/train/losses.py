@@ -15,6 +15,14 @@ the sums that the log line, ``metrics.jsonl`` and the evaluation report per moda
 (``image2text``, ``text2speech``, ..., ``sft``: the loader's per-token ``tasks`` ids).  The held-out
 loss (:func:`anygpt.eval.loss.heldout_loss`, used by the trainer's evaluation and ``anygpt eval``)
 goes through the same :func:`lm_loss` and :class:`TokenLoss`, so both report the same numbers.
+
+The head and its cross-entropy are one chunked step (:func:`head_cross_entropy`) when the head is a
+plain ``Linear``: the ``[N, V]`` logits are never materialised, a cache-sized block of rows at a time
+goes through matmul, softmax and the two gradient matmuls while it is still in cache, and the
+gradients of a plain mean loss are made in the forward.  Why: with a small model the head *is* the
+step, and on CPU the unfused path spends as much time allocating, page-faulting and re-reading the
+55 MB of logits (760 targets x 18k ids) as multiplying; on a GPU the logits of a 50k vocabulary are the
+largest activation of a step.  Same numbers up to float rounding (tested against the unfused path).
 """
 from __future__ import annotations
 
@@ -56,6 +64,130 @@ def logits_only_at(model: Any, positions: torch.Tensor) -> Iterator[None]:
         handle.remove()
 
 
+# Rows of logits per chunk of :func:`head_cross_entropy`: about 8 MiB of fp32 logits on CPU (stays in
+# cache across the softmax and the gradient matmuls), 512 MiB on an accelerator (big enough to keep it
+# busy, small next to a 50k-vocabulary's full logits).
+_CHUNK_BYTES = {"cpu": 8 << 20}
+_CHUNK_BYTES_ACCELERATOR = 512 << 20
+
+
+def _chunk_rows(vocab: int, device: torch.device) -> int:
+    return max(16, _CHUNK_BYTES.get(device.type, _CHUNK_BYTES_ACCELERATOR) // (4 * vocab))
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """``ce[i] = logsumexp(h_i W^T) - (h_i W^T)[y_i]`` over chunks of rows; see :func:`head_cross_entropy`."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, grads_in_forward):
+        n, rows = hidden.shape[0], _chunk_rows(weight.shape[0], hidden.device)
+        ce = hidden.new_empty(n, dtype=torch.float32)
+        lse = hidden.new_empty(n, dtype=torch.float32)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        early = grads_in_forward and (want_h or want_w)
+        grad_h = torch.empty_like(hidden) if early and want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if early and want_w else None
+        for start in range(0, n, rows):
+            h, y = hidden[start:start + rows], target[start:start + rows]
+            z = (h @ weight.t()).float()
+            picked = z.gather(1, y[:, None]).squeeze(1)
+            top = z.amax(1, keepdim=True)
+            z.sub_(top).exp_()  # in place: z becomes the softmax's numerator
+            total = z.sum(1, keepdim=True)
+            lse[start:start + rows] = (top + total.log()).squeeze(1)
+            ce[start:start + rows] = lse[start:start + rows] - picked
+            if early:
+                z.div_(total)
+                z[torch.arange(len(y), device=z.device), y] -= 1.0  # d ce / d logits = softmax - one-hot
+                _accumulate(z, h, weight, grad_h, grad_w, start)
+        ctx.save_for_backward(hidden, weight, target, lse)
+        ctx.early = (grad_h, grad_w) if early else None
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad_ce):
+        hidden, weight, target, lse = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # The made-in-forward gradients hold for one weight on every row (a plain mean; all-NaN too, so a
+        # non-finite loss still gives NaN gradients); anything else recomputes the chunks.
+        if ctx.early is not None and (grad_ce.numel() == 0 or not bool((grad_ce - grad_ce[0]).abs().max() > 0)):
+            grad_h, grad_w = ctx.early
+            scale = grad_ce[0] if grad_ce.numel() else grad_ce.new_zeros(())
+            return (grad_h * scale.to(grad_h.dtype) if want_h else None,
+                    (grad_w * scale).to(weight.dtype) if want_w else None, None, None)
+        rows = _chunk_rows(weight.shape[0], hidden.device)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        for start in range(0, hidden.shape[0], rows):
+            h, y = hidden[start:start + rows], target[start:start + rows]
+            z = (h @ weight.t()).float()
+            z.sub_(lse[start:start + rows, None]).exp_()
+            z[torch.arange(len(y), device=z.device), y] -= 1.0
+            z.mul_(grad_ce[start:start + rows, None])
+            _accumulate(z, h, weight, grad_h, grad_w, start)
+        return grad_h, (grad_w.to(weight.dtype) if want_w else None), None, None
+
+
+def _accumulate(grad_logits, h, weight, grad_h, grad_w, start) -> None:
+    """Adds one chunk's share of the head's gradients (``grad_logits`` ``[rows, V]`` fp32)."""
+    g = grad_logits.to(weight.dtype)
+    if grad_h is not None:
+        grad_h[start:start + len(h)] = g @ weight
+    if grad_w is not None:
+        if g.dtype == grad_w.dtype:
+            grad_w.addmm_(g.t(), h)  # in place: no [V, H] temporary per chunk
+        else:
+            grad_w.add_((g.t() @ h).float())  # bf16 products, summed over chunks in fp32
+
+
+def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
+                       plain_mean: bool = True) -> torch.Tensor:
+    """Per-row cross-entropy ``[N]`` (fp32) of the logits ``hidden @ weight.T`` against ``target``, without
+    materialising the logits.
+
+    Args:
+        hidden: ``[N, H]`` hidden states at the target positions.
+        weight: ``[V, H]`` LM head weight (no bias).
+        target: ``[N]`` target ids.
+        plain_mean: the loss will be ``ce.mean()``-like (one weight for every row), so the gradients are
+            made in the forward pass, in the same chunk walk (3 matmuls in all, not 4); other weightings
+            (alignment's per-token advantages) still get exact gradients, by recomputing the chunks.
+    """
+    return _HeadCrossEntropy.apply(hidden, weight, target, plain_mean)
+
+
+def fusable_head(model: Any) -> Any:
+    """The model's LM head if :func:`head_cross_entropy` can stand in for it (a bias-free ``Linear``
+    whose ``forward`` is the class's own), else None: a LoRA-wrapped head, or one under an
+    ``accelerate`` dispatch hook, which replaces ``forward`` to move tensors between devices."""
+    head = model.get_output_embeddings()
+    plain = type(head) is torch.nn.Linear and head.bias is None and "forward" not in vars(head)
+    return head if plain else None
+
+
+@contextlib.contextmanager
+def head_loss_at(model: Any, positions: torch.Tensor, target: torch.Tensor, *,
+                 plain_mean: bool = True) -> Iterator[None]:
+    """Within the block, ``model``'s LM head (:func:`fusable_head`) returns the per-target
+    cross-entropy ``[N]`` (:func:`head_cross_entropy`) instead of logits, so a forward's ``.logits`` is
+    that vector.  The head's ``forward`` is swapped, not its module: DeepSpeed's ZeRO-3 hooks on the
+    module still gather the weight before it runs and for the backward.
+    """
+    head = fusable_head(model)
+    if head is None:
+        raise ValueError(f"{type(model).__name__}'s LM head is not a bias-free Linear")
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        return head_cross_entropy(hidden[positions.to(hidden.device)], head.weight, target.to(hidden.device),
+                                  plain_mean=plain_mean)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward  # back to the class's forward
+
+
 def lm_loss(model: Any, head_owner: Any, inputs: dict[str, Any], batch: dict,
             loss_fn: "TokenLoss") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Forward one packed micro-batch with the LM head only at its target positions; ``loss_fn``'s
@@ -67,9 +199,15 @@ def lm_loss(model: Any, head_owner: Any, inputs: dict[str, Any], batch: dict,
         inputs: the model's keyword arguments (:func:`anygpt.attention.attention_inputs`).
         batch: the loader's batch (``labels``, ``tasks``).
     """
-    with logits_only_at(head_owner, target_positions(batch["labels"])):
-        logits = model(**inputs).logits
-    return loss_fn(logits, batch["labels"], batch.get("tasks"))
+    labels = batch["labels"]
+    positions = target_positions(labels)
+    if fusable_head(head_owner) is None:
+        with logits_only_at(head_owner, positions):
+            logits = model(**inputs).logits
+        return loss_fn(logits, labels, batch.get("tasks"))
+    with head_loss_at(head_owner, positions, labels[:, 1:][positions[:, :-1]]):
+        ce = model(**inputs).logits
+    return loss_fn.reduce(ce, labels, batch.get("tasks"))
 
 
 class TokenLoss:
@@ -100,13 +238,22 @@ class TokenLoss:
         positions = target_positions(labels).to(logits.device)
         if logits.dim() == 3:
             logits = logits[positions]
+        target = labels[:, 1:].to(logits.device)[positions[:, :-1]]
+        if logits.shape[0] != target.shape[0]:
+            raise ValueError(f"logits for {logits.shape[0]} positions but {target.shape[0]} targets")
+        return self.reduce(F.cross_entropy(logits.float(), target, reduction="none"), labels, tasks)
+
+    def reduce(self, ce: torch.Tensor, labels: torch.Tensor,
+               tasks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """``(mean loss, stats, bad_rows)`` from the per-target cross-entropy ``ce`` ``[N]`` (row-major
+        order of :func:`target_positions`, as :func:`head_cross_entropy` gives it)."""
+        positions = target_positions(labels).to(ce.device)
         # positions[:, -1] is always False, so selecting labels[:, 1:] by positions[:, :-1] walks the
         # targets in the same row-major order as the logits.
         shifted = positions[:, :-1]
-        target = labels[:, 1:].to(logits.device)[shifted]
-        if logits.shape[0] != target.shape[0]:
-            raise ValueError(f"logits for {logits.shape[0]} positions but {target.shape[0]} targets")
-        ce = F.cross_entropy(logits.float(), target, reduction="none")
+        target = labels[:, 1:].to(ce.device)[shifted]
+        if ce.shape[0] != target.shape[0]:
+            raise ValueError(f"losses for {ce.shape[0]} positions but {target.shape[0]} targets")
         loss = ce.sum() / max(int(target.numel()), 1)
         with torch.no_grad():
             rows = positions.nonzero()[:, 0]
@@ -118,7 +265,7 @@ class TokenLoss:
             stats[0, :m] = torch.bincount(mod, weights=flat_ce, minlength=m)[:m]
             stats[1, :m] = torch.bincount(mod, minlength=m)[:m].double()
             if tasks is not None:
-                task = tasks[:, 1:].to(logits.device)[shifted].clamp(0, len(self.tasks) - 1)
+                task = tasks[:, 1:].to(ce.device)[shifted].clamp(0, len(self.tasks) - 1)
                 stats[0, m:] = torch.bincount(task, weights=flat_ce, minlength=len(self.tasks))[:len(self.tasks)]
                 stats[1, m:] = torch.bincount(task, minlength=len(self.tasks))[:len(self.tasks)].double()
         return loss, stats, bad_rows
