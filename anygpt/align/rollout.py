@@ -15,7 +15,7 @@
   rank (what generation needs anyway); ``anygpt bench align`` measures the difference;
 - :func:`make_batch` / :func:`token_logprobs`: right-padded micro-batches of prompt + response and
   the log-probabilities of the response tokens (the LM head runs at those positions only, chunked,
-  as in training: :func:`anygpt.train.losses.head_loss_at`).
+  as in training: :func:`anygpt.train.losses.target_cross_entropy`).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from anygpt.formats import Conversation, Marker, Media, SequenceFormat, Text, Tu
 from anygpt.infer.generation import GenerationResult, Generator
 from anygpt.infer.tasks import Task, task_conversation
 from anygpt.layout import LayoutError, VocabLayout
-from anygpt.train.losses import IGNORE, fusable_head, head_loss_at, logits_only_at, target_positions
+from anygpt.train.losses import IGNORE, target_cross_entropy, target_positions
 
 
 @dataclass
@@ -298,16 +298,7 @@ def token_logprobs(model: Any, head_owner: Any, batch: dict[str, torch.Tensor]) 
         batch: from :func:`make_batch`.
     """
     labels = batch["labels"]
-    positions = target_positions(labels)
-    targets = labels[:, 1:][positions[:, :-1]]
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if fusable_head(head_owner) is not None:
-        # The trainer's chunked head (no [N, V] logits); the losses weight tokens unevenly, so the
-        # gradients are recomputed chunk by chunk in the backward.
-        with head_loss_at(head_owner, positions, targets, plain_mean=False):
-            logp = -model(**inputs).logits
-    else:
-        with logits_only_at(head_owner, positions):
-            logits = model(**inputs).logits.float()
-        logp = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    return logp, positions.nonzero()[:, 0]
+    # The losses weight tokens unevenly (advantages, per-sequence sums): not a plain mean.
+    logp = -target_cross_entropy(model, head_owner, inputs, labels, plain_mean=False)
+    return logp, target_positions(labels).nonzero()[:, 0]

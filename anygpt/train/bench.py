@@ -107,7 +107,7 @@ def bench_train(steps: int = 10, seq_len: int = 256, micro_batch_size: int = 4, 
     """
     from anygpt.config import load_train_config
     from anygpt.train.loop import Trainer
-    from anygpt.train.losses import IGNORE, head_loss_at, logits_only_at, target_positions
+    from anygpt.train.losses import IGNORE, head_loss_at, logits_only_at, target_ids, target_positions
 
     tmp = tempfile.TemporaryDirectory(prefix="anygpt-bench-train-") if workdir is None else None
     root = Path(workdir or tmp.name)
@@ -149,7 +149,7 @@ def bench_train(steps: int = 10, seq_len: int = 256, micro_batch_size: int = 4, 
             engine.step()
 
         def chunked_head() -> None:
-            with head_loss_at(engine.module, head_at, answer[:, 1:][head_at[:, :-1]]):
+            with head_loss_at(engine.module, head_at, target_ids(answer, head_at)):
                 ce = engine(**inputs).logits
             engine.backward(trainer.loss_fn.reduce(ce, answer)[0])
             engine.step()

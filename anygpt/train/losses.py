@@ -41,6 +41,12 @@ def target_positions(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:] != IGNORE, (0, 1), value=False)
 
 
+def target_ids(labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``[N]`` the ids predicted at ``positions`` (:func:`target_positions`), in their row-major order:
+    ``positions[:, -1]`` is always False, so ``labels[:, 1:]`` selected by ``positions[:, :-1]`` lines up."""
+    return labels[:, 1:].to(positions.device)[positions[:, :-1]]
+
+
 @contextlib.contextmanager
 def logits_only_at(model: Any, positions: torch.Tensor) -> Iterator[None]:
     """Within the block, ``model``'s LM head sees only the hidden states at ``positions`` (``[B, L]``
@@ -188,6 +194,29 @@ def head_loss_at(model: Any, positions: torch.Tensor, target: torch.Tensor, *,
         del head.forward  # back to the class's forward
 
 
+def target_cross_entropy(model: Any, head_owner: Any, inputs: dict[str, Any], labels: torch.Tensor, *,
+                         plain_mean: bool = True) -> torch.Tensor:
+    """One forward; the cross-entropy ``[N]`` (fp32) of every target of ``labels``, row-major.  Through
+    the chunked head (:func:`head_loss_at`) when :func:`fusable_head` allows, else from the ``[N, V]``
+    logits at the targets (:func:`logits_only_at`).
+
+    Args:
+        model: what to call (a DeepSpeed engine, or the model itself).
+        head_owner: the Hugging Face model whose LM head is restricted (``engine.module``, or ``model``).
+        inputs: the model's keyword arguments.
+        labels: ``[B, L]`` with ``IGNORE`` where there is no target.
+        plain_mean: see :func:`head_cross_entropy`.
+    """
+    positions = target_positions(labels)
+    target = target_ids(labels, positions)
+    if fusable_head(head_owner) is not None:
+        with head_loss_at(head_owner, positions, target, plain_mean=plain_mean):
+            return model(**inputs).logits
+    with logits_only_at(head_owner, positions):
+        logits = model(**inputs).logits
+    return F.cross_entropy(logits.float(), target.to(logits.device), reduction="none")
+
+
 def lm_loss(model: Any, head_owner: Any, inputs: dict[str, Any], batch: dict,
             loss_fn: "TokenLoss") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Forward one packed micro-batch with the LM head only at its target positions; ``loss_fn``'s
@@ -199,15 +228,8 @@ def lm_loss(model: Any, head_owner: Any, inputs: dict[str, Any], batch: dict,
         inputs: the model's keyword arguments (:func:`anygpt.attention.attention_inputs`).
         batch: the loader's batch (``labels``, ``tasks``).
     """
-    labels = batch["labels"]
-    positions = target_positions(labels)
-    if fusable_head(head_owner) is None:
-        with logits_only_at(head_owner, positions):
-            logits = model(**inputs).logits
-        return loss_fn(logits, labels, batch.get("tasks"))
-    with head_loss_at(head_owner, positions, labels[:, 1:][positions[:, :-1]]):
-        ce = model(**inputs).logits
-    return loss_fn.reduce(ce, labels, batch.get("tasks"))
+    ce = target_cross_entropy(model, head_owner, inputs, batch["labels"])
+    return loss_fn.reduce(ce, batch["labels"], batch.get("tasks"))
 
 
 class TokenLoss:
@@ -238,7 +260,7 @@ class TokenLoss:
         positions = target_positions(labels).to(logits.device)
         if logits.dim() == 3:
             logits = logits[positions]
-        target = labels[:, 1:].to(logits.device)[positions[:, :-1]]
+        target = target_ids(labels, positions)
         if logits.shape[0] != target.shape[0]:
             raise ValueError(f"logits for {logits.shape[0]} positions but {target.shape[0]} targets")
         return self.reduce(F.cross_entropy(logits.float(), target, reduction="none"), labels, tasks)
@@ -248,10 +270,8 @@ class TokenLoss:
         """``(mean loss, stats, bad_rows)`` from the per-target cross-entropy ``ce`` ``[N]`` (row-major
         order of :func:`target_positions`, as :func:`head_cross_entropy` gives it)."""
         positions = target_positions(labels).to(ce.device)
-        # positions[:, -1] is always False, so selecting labels[:, 1:] by positions[:, :-1] walks the
-        # targets in the same row-major order as the logits.
         shifted = positions[:, :-1]
-        target = labels[:, 1:].to(ce.device)[shifted]
+        target = target_ids(labels, positions)
         if ce.shape[0] != target.shape[0]:
             raise ValueError(f"losses for {ce.shape[0]} positions but {target.shape[0]} targets")
         loss = ce.sum() / max(int(target.numel()), 1)
