@@ -62,6 +62,33 @@ def test_judge_codes_per_slot_for_fixed_span_length():
     assert nearest_reference_accuracy(same, [1], judge_codes(free, refs)[0], codebook_size=size)["accuracy"] == 0.0
 
 
+def test_attribute_judge_soft_score_is_the_expected_hits_under_a_softmax_of_similarities():
+    from types import SimpleNamespace
+
+    from anygpt.demo.evaluate import AttributeJudge
+
+    # Three speech references (bag of codes over 4 codes); the answer's codes are those of the first.
+    codes = [np.array([[0, 0, 1]]), np.array([[2, 2, 3]]), np.array([[0, 2, 3]])]
+    attrs = [{"number": "two", "colour": "red", "shape": "circle"},
+             {"number": "two", "colour": "blue", "shape": "square"},
+             {"number": "one", "colour": "blue", "shape": "square"}]
+    index = {c: c for c in range(4)}
+    judge = AttributeJudge.__new__(AttributeJudge)  # references given here, not rendered from a demo
+    judge.layout = SimpleNamespace(modality=lambda m: _spec(None))
+    judge._refs = {"speech": (np.stack([AttributeJudge._features(c, index) for c in codes]), index, attrs)}
+    text, answer = "two red circles", codes[0]
+    hits = np.array([3, 1, 0]) / 3  # the fraction of the asked-for attributes each reference has
+    assert judge.score("speech", [text], [answer]) == [1.0]  # the evaluation's nearest reference
+    sims = np.stack([AttributeJudge._features(c, index) for c in codes]).reshape(3, -1) @ \
+        AttributeJudge._features(answer, index).reshape(-1)
+    for t in (0.05, 0.5, 5.0):
+        w = np.exp(sims / t) / np.exp(sims / t).sum()
+        assert judge.score("speech", [text], [answer], temperature=t)[0] == pytest.approx(float(w @ hits))
+    soft = [judge.score("speech", [text], [answer], temperature=t)[0] for t in (1e-3, 0.3, 1e3)]
+    assert soft[0] == pytest.approx(1.0) and soft[0] > soft[1] > soft[2] == pytest.approx(hits.mean(), abs=1e-3)
+    assert judge.score("speech", [text, text], [None, np.zeros((1, 0), dtype=np.int64)], temperature=0.5) == [0.0, 0.0]
+
+
 def _write_chunk(out: Path, chunk: int, rows: list[tuple[str, str, np.ndarray]]) -> None:
     writer = ChunkWriter(out, "image", chunk)
     for key, text, codes in rows:

@@ -14,7 +14,8 @@ and returns, per sample, its value and named parts (``{"value": 0.8, "cer": 0.1,
   ``lambda_c`` / ``lambda_n`` (0.6 / 0.4, beta_c 3, tau_n 3, as the Llasa GRPO recipe), or ``cer`` /
   ``wer`` alone (``1 - tanh(beta_c x)``), or ``nll`` alone (``U_NLL``);
 - ``judge``: the synthetic demo task's text->X judge (attributes of the nearest reference rendering,
-  :class:`anygpt.demo.evaluate.AttributeJudge`): an alignment that needs no ASR model;
+  :class:`anygpt.demo.evaluate.AttributeJudge`): an alignment that needs no ASR model; option
+  ``temperature`` > 0 scores the expected hits under a softmax over the references (dense);
 - ``code_frequency``: the share of one code in the span (a deterministic reward for tests and smoke
   runs: "more of code X").
 
@@ -279,7 +280,7 @@ def build_code_frequency(opts: dict, context: RewardContext) -> Reward:
 
 
 # ---------------------------------------------------------------------------- judge
-_JUDGE = {"demo": (str, ...), "max_train": (int, 400)}
+_JUDGE = {"demo": (str, ...), "max_train": (int, 400), "temperature": (float, 0.0)}
 
 
 def _check_judge(opts: dict, where: str, context: RewardContext) -> None:
@@ -307,7 +308,8 @@ def build_judge(opts: dict, context: RewardContext) -> Reward:
             out: list[dict[str, float]] = [{} for _ in samples]
             for m in {s.modality for s in samples}:
                 idx = [i for i, s in enumerate(samples) if s.modality == m]
-                for i, v in zip(idx, judge.score(m, [samples[i].text for i in idx], [samples[i].codes for i in idx])):
+                for i, v in zip(idx, judge.score(m, [samples[i].text for i in idx], [samples[i].codes for i in idx],
+                                                   o["temperature"])):
                     out[i] = {"value": v}
             return out
 

@@ -23,7 +23,7 @@ The demo's modalities are the registered ones its grammar has content for
 clusters of the fitted codec, renderings, file suffixes (the plugins') -- comes from that content or
 from the plugin.
 
-Why these sizes: the README's first command should take about ten minutes on 2 cores (9 to 15
+Why these sizes: the README's first command should take about ten minutes on 2 cores (7.4 to 11.7
 measured, the machine's speed varies); ``--quick`` is the CI version (a smaller corpus, fewer steps)
 that checks the report's structure and the easiest directions.
 """
@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ from anygpt import modalities as registry
 from anygpt.config import load_yaml
 from anygpt.decoders.train_soundstorm import train_soundstorm
 from anygpt.demo.corpus import make_corpus
-from anygpt.demo.evaluate import SYNTHETIC_SAMPLING, evaluate_synthetic, score_demo, summary_table, write_eval_suite
+from anygpt.demo.evaluate import HELD_OUT_ITEMS, SYNTHETIC_SAMPLING, evaluate_synthetic, score_demo, summary_table, write_eval_suite
 from anygpt.demo.grammar import demo_modalities, grammar
 from anygpt.formats.templates import DEFAULT_SYSTEM_PROMPT, INSTRUCTIONS
 from anygpt.infer.loading import load_lm
@@ -81,7 +80,7 @@ class DemoSettings:
     # in launch/configs/stage1_pretrain.yaml.
     stage1_loss: str = "assistant"
     model: str = "tiny"
-    eval_items: int = 48  # held-out items per direction (half novel combinations, half seen ones)
+    eval_items: int = HELD_OUT_ITEMS  # held-out items per direction (see anygpt.demo.evaluate)
     # The alignment stage (launch/configs/align_demo.yaml; None: its run.max_steps, 0 skips the stage).
     # Its before/after are text->X scores averaged over this many sampling seeds (their spread is reported).
     align_steps: int | None = None
@@ -132,11 +131,11 @@ def manifest_media(manifest: Path, modality: str) -> list[Path]:
     return [manifest.parent / r[modality] for r in rows]
 
 
-def run_subprocess(argv: list[str], log_path: Path) -> None:
+def run_subprocess(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
     """Run a step in its own process (DeepSpeed ranks), teeing output to a log; fail loudly."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "w", encoding="utf-8") as log:
+    env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w", encoding="utf-8", buffering=1) as log:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -152,13 +151,20 @@ def run_subprocess(argv: list[str], log_path: Path) -> None:
 def make_codecs(corpus_dir: Path, codecs_dir: Path, settings: DemoSettings) -> dict[str, Any]:
     """Fit each demo modality's tiny codec on the training media (k-means clusters per codebook from
     the modality's demo content); return codebook usage per modality."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fit(m: str) -> Any:
+        return fit_codec(m, manifest_media(corpus_dir / f"train_{m}.jsonl", m), codecs_dir / m,
+                         codec=settings.codecs.get(m), iters=settings.kmeans_iters,
+                         max_clusters=grammar(m).codec_clusters)[1]
+
+    # Two at a time: reading and encoding the media is mostly single-threaded Python and NumPy, so a
+    # second fit uses the core the first leaves idle (torch's k-means kernels release the GIL).
     usage = {}
-    for m in demo_modalities():
-        _, report = fit_codec(m, manifest_media(corpus_dir / f"train_{m}.jsonl", m), codecs_dir / m,
-                              codec=settings.codecs.get(m), iters=settings.kmeans_iters,
-                              max_clusters=grammar(m).codec_clusters)
-        print("   " + report.summary().replace("\n", "\n   "), flush=True)
-        usage[m] = report.to_dict()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for m, report in zip(demo_modalities(), pool.map(fit, demo_modalities())):
+            print("   " + report.summary().replace("\n", "\n   "), flush=True)
+            usage[m] = report.to_dict()
     return usage
 
 
@@ -203,10 +209,22 @@ def stage_config(out: Path, name: str, model: str, tokenizer: Path | None, codec
     return path
 
 
-def train_stage(config: Path, settings: DemoSettings, log: Path) -> None:
-    """One training stage in its own process (``anygpt train``, DeepSpeed ranks), logged to ``log``."""
-    argv = [sys.executable, "-m", "anygpt.cli", "train", "--config", str(config), "--nproc", str(settings.nproc)]
-    run_subprocess(argv, log)
+def run_stage(kind: str, config: Path, settings: DemoSettings, log: Path) -> None:
+    """``anygpt train|align --config CONFIG --nproc N``, logged to ``log``: the stage is checked here
+    (the CLI's preflight), then its DeepSpeed ranks start through torchrun directly -- a CLI process in
+    between would import torch, transformers and DeepSpeed once more only to check and spawn (~4 s a
+    stage on 2 cores)."""
+    from anygpt.train.cli import rank_command
+
+    if kind == "train":
+        from anygpt.config import load_train_config as load
+        from anygpt.train.preflight import preflight
+    else:
+        from anygpt.align.config import load_align_config as load
+        from anygpt.align.loop import preflight
+    preflight(load(str(config), []), settings.nproc, None)
+    cmd, env = rank_command(settings.nproc, ["--config", str(config)], module=f"anygpt.{kind}")
+    run_subprocess(cmd, log, env)
 
 
 ALIGN_CONFIG = "align_demo"  # the shipped launch/configs/align_demo.yaml: the stage's method and sizes
@@ -366,13 +384,13 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
         cfg1 = stage_config(out, "stage1", settings.model, out / "tokenizer", codecs_dir, pairs, eval_shards,
                             settings.stage1_loss,
                             settings.stage1_steps, settings, settings.lr)
-        train_stage(cfg1, settings, out / "logs" / "stage1.log")
+        run_stage("train", cfg1, settings, out / "logs" / "stage1.log")
     with Step(timings, "stage2", f"instruction tuning from stage 1, {settings.stage2_steps} steps"):
         sft = [{"name": "conversations", "shards": str(shards / "train_conversations" / "*.tar"), "weight": 1.0,
                 "kind": "sft"}] + [{**p, "weight": 0.5} for p in pairs]
         cfg2 = stage_config(out, "stage2", str(out / "runs" / "stage1"), out / "tokenizer", codecs_dir, sft,
                             eval_shards, "assistant", settings.stage2_steps, settings, settings.lr / 3)
-        train_stage(cfg2, settings, out / "logs" / "stage2.log")
+        run_stage("train", cfg2, settings, out / "logs" / "stage2.log")
     model_dir = out / "model"
     with Step(timings, "export", "consolidate ZeRO-3 shards into a Hugging Face model directory"):
         export_checkpoint(out / "runs" / "stage2", model_dir)
@@ -386,7 +404,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
                              model_dir / "soundstorm", steps=settings.soundstorm_steps, batch_size=8, lr=1e-3,
                              seed=seed, device="cpu", size="tiny", codecs=codecs_dir, max_frames=200,
                              progress=False)
-    with Step(timings, "eval", f"every direction on {settings.eval_items} held-out items"):
+    with Step(timings, "eval", f"every direction on up to {settings.eval_items} held-out items"):
         write_eval_suite(out)
         lm = load_lm(model_dir)
         directions, table = score_demo(lm, registry.load_codecs(model_dir / "codecs"), out,
@@ -396,8 +414,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
         aligned_dir = out / "model_aligned"
         with Step(timings, "align", f"alignment from the export (launch/configs/{ALIGN_CONFIG}.yaml)"):
             cfg3 = align_config(out, model_dir, settings)
-            run_subprocess([sys.executable, "-m", "anygpt.cli", "align", "--config", str(cfg3), "--nproc",
-                            str(nproc)], out / "logs" / "align.log")
+            run_stage("align", cfg3, settings, out / "logs" / "align.log")
             export_checkpoint(out / "runs" / "align", aligned_dir)
             if (model_dir / "soundstorm").is_dir():  # the acoustic decoder is not part of the LM: shared
                 shutil.copytree(model_dir / "soundstorm", aligned_dir / "soundstorm")

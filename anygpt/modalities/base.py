@@ -17,6 +17,7 @@ directly (derived ``embed``, caches) offers ``set_codebook(centroids, counts)``.
 from __future__ import annotations
 
 import abc
+import threading
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 
 from anygpt.modalities.plugin import CodecError
+
+_TINY_BUILD_LOCK = threading.Lock()
 
 
 class Codec(torch.nn.Module, abc.ABC):
@@ -103,8 +106,10 @@ class Codec(torch.nn.Module, abc.ABC):
 
     @classmethod
     def _tiny_from(cls, build: Callable[[], "Codec"], seed: int | None, device: Any = None) -> "Codec":
-        """Build a tiny codec with deterministic weights for ``seed`` without touching the caller's RNG."""
-        with torch.random.fork_rng(devices=[]):
+        """Build a tiny codec with deterministic weights for ``seed`` without touching the caller's RNG.
+        One build at a time: the seeded initialisation draws from torch's global generator, which codecs
+        built on two threads at once (the demo fits its codecs in parallel) would share."""
+        with _TINY_BUILD_LOCK, torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
             codec = build()

@@ -55,12 +55,19 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def spawn_ranks(nproc: int, argv: list[str], module: str = "anygpt.train") -> int:
-    """Start ``nproc`` ranks of ``python -m MODULE ARGV`` on this machine; their exit status."""
+def rank_command(nproc: int, argv: list[str], module: str = "anygpt.train") -> tuple[list[str], dict[str, str]]:
+    """The command and environment that start ``nproc`` ranks of ``python -m MODULE ARGV`` on this
+    machine (torchrun; each rank gets its share of the cores)."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", module, *argv]
+    return cmd, env
+
+
+def spawn_ranks(nproc: int, argv: list[str], module: str = "anygpt.train") -> int:
+    """Start ``nproc`` ranks of ``python -m MODULE ARGV`` on this machine; their exit status."""
+    cmd, env = rank_command(nproc, argv, module)
     return subprocess.call(cmd, env=env)
 
 
