@@ -162,6 +162,11 @@ def test_quick_demo_end_to_end(tmp_path):
     assert set(a["before"]) == set(a["after"]) == text2x | {"mean"}
     assert all(a["before"][d] == report["directions"][d]["score"] for d in text2x)  # seed 0 = the eval's
     assert all(0.0 <= a["after"][d] <= 1.0 for d in text2x)
+    # the gain seed by seed: the same seed's mean after minus its mean before
+    by_seed = a["by_seed"]
+    for s, g in a["gain_by_seed"].items():
+        assert g == pytest.approx(np.mean([by_seed["after"][s][d] for d in text2x])
+                                  - np.mean([by_seed["before"][s][d] for d in text2x]))
     Image.open(a["reward_curve"]).verify()
     assert "## Alignment" in (out / "report.md").read_text()
     from anygpt.train.metrics import read_jsonl
