@@ -128,6 +128,26 @@ def test_summary_table():
     assert lines[2].split() == ["text2image", "0.300", "0.300", "1.0x", "-", "-", "0.900"]
 
 
+def test_alignment_summary_pairs_seeds_and_compares_the_gain_with_the_spread(tmp_path):
+    from anygpt.demo.run import summarise_alignment
+
+    config = tmp_path / "align.yaml"
+    config.write_text("run: {max_steps: 8}\nalign: {method: dpo}\n")
+    before = {0: {"text2speech": 0.4, "text2image": 0.6}, 1: {"text2speech": 0.6, "text2image": 0.6}}
+    after = {0: {"text2speech": 0.5, "text2image": 0.7}, 1: {"text2speech": 0.6, "text2image": 0.8}}
+    a = summarise_alignment(config, before, after, tmp_path)
+    # seed means before 0.5 / 0.6, after 0.6 / 0.7: each seed gains 0.1; spread (std over seeds) 0.05 both
+    assert a["before"]["mean"] == pytest.approx(0.55) and a["after"]["mean"] == pytest.approx(0.65)
+    assert a["gain_by_seed"] == {"0": pytest.approx(0.1), "1": pytest.approx(0.1)}
+    assert a["gain_spread"] == pytest.approx(0.0, abs=1e-12)
+    assert a["spread"]["before"]["mean"] == pytest.approx(0.05) and a["spread"]["after"]["text2image"] == pytest.approx(0.05)
+    assert a["beyond_spread"] is True and a["steps"] == 8
+    # a gain smaller than the spread is not claimed
+    wide = {0: {"text2speech": 0.3, "text2image": 0.3}, 1: {"text2speech": 0.9, "text2image": 0.9}}
+    assert summarise_alignment(config, wide, {s: {k: v + 0.1 for k, v in r.items()} for s, r in wide.items()},
+                               tmp_path)["beyond_spread"] is False
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_quick_demo_end_to_end(tmp_path):
@@ -162,11 +182,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert set(a["before"]) == set(a["after"]) == text2x | {"mean"}
     assert all(a["before"][d] == report["directions"][d]["score"] for d in text2x)  # seed 0 = the eval's
     assert all(0.0 <= a["after"][d] <= 1.0 for d in text2x)
-    # the gain seed by seed: the same seed's mean after minus its mean before
-    by_seed = a["by_seed"]
-    for s, g in a["gain_by_seed"].items():
-        assert g == pytest.approx(np.mean([by_seed["after"][s][d] for d in text2x])
-                                  - np.mean([by_seed["before"][s][d] for d in text2x]))
+    assert set(a["gain_by_seed"]) == set(a["by_seed"]["before"]) == {str(s) for s in a["seeds"]}
     Image.open(a["reward_curve"]).verify()
     assert "## Alignment" in (out / "report.md").read_text()
     from anygpt.train.metrics import read_jsonl

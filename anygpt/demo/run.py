@@ -268,15 +268,17 @@ def summarise_alignment(config: Path, before: dict[int, dict[str, float]], after
     (std over seeds), the per-seed values, and the run's reward curve."""
     import numpy as np
 
-    def stats(by_seed: dict[int, dict[str, float]]) -> tuple[dict, dict]:
-        """(mean, std) over seeds of every direction and of their mean."""
-        rows = [{**v, "mean": float(np.mean(list(v.values())))} for v in by_seed.values()]
-        return ({n: float(np.mean([r[n] for r in rows])) for n in rows[0]},
-                {n: float(np.std([r[n] for r in rows])) for n in rows[0]})
+    def stats(by_seed: dict[int, dict[str, float]]) -> tuple[dict, dict, dict]:
+        """(mean, std) over seeds of every direction and of their mean, and each seed's mean."""
+        rows = {s: {**v, "mean": float(np.mean(list(v.values())))} for s, v in by_seed.items()}
+        names = list(next(iter(rows.values())))
+        return ({n: float(np.mean([r[n] for r in rows.values()])) for n in names},
+                {n: float(np.std([r[n] for r in rows.values()])) for n in names},
+                {s: r["mean"] for s, r in rows.items()})
 
-    (b, b_sd), (a, a_sd) = stats(before), stats(after)
+    (b, b_sd, b_seed), (a, a_sd, a_seed) = stats(before), stats(after)
     # Paired by seed: the same held-out items sampled with the same seed before and after.
-    paired = [float(np.mean(list(after[s].values())) - np.mean(list(before[s].values()))) for s in sorted(before)]
+    paired = [a_seed[s] - b_seed[s] for s in sorted(before)]
     cfg = yaml.safe_load(config.read_text(encoding="utf-8"))
     method = cfg["align"]["method"]
     rewards = [r["name"] for r in cfg["align"].get("rewards", [])]
