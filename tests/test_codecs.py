@@ -167,6 +167,28 @@ def test_missing_checkpoint_names_card_and_expected_files(tmp_path):
 # ------------------------------------------------------------------------------------ speech ---
 
 
+def test_tiny_builds_on_threads_equal_sequential_ones_and_leave_the_callers_rng_alone():
+    """The demo fits its codecs on two threads; a tiny build seeds torch's global generator, so builds
+    take a lock (anygpt.modalities.base): weights built concurrently must equal those built one by one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = list(registry.names())
+
+    def weights(m):
+        return {k: v.clone() for k, v in build_codec(m, "tiny").state_dict().items()}
+
+    alone = {m: weights(m) for m in names}
+    torch.manual_seed(1234)
+    expected_next = torch.rand(3)
+    torch.manual_seed(1234)
+    with ThreadPoolExecutor(max_workers=len(names) * 2) as pool:
+        together = list(pool.map(weights, names * 2))
+    assert torch.equal(torch.rand(3), expected_next)  # the builds forked the generator, never advanced it
+    for m, w in zip(names * 2, together):
+        assert w.keys() == alone[m].keys(), m
+        assert all(torch.equal(w[k], alone[m][k]) for k in w), m
+
+
 def test_speech_tiny_shapes_and_rates():
     codec = build_codec("speech", "tiny")
     assert (codec.sample_rate, codec.frame_rate, codec.num_codebooks, codec.codebook_size) == (16000, 50, 8, 1024)
