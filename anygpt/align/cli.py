@@ -35,20 +35,29 @@ def spawn_ranks(nproc: int, argv: list[str]) -> int:
     return train_cli.spawn_ranks(nproc, argv, module="anygpt.align")
 
 
-def run_align(args: argparse.Namespace) -> int:
+def _load_align_config(path, overrides):
     from anygpt.align.config import load_align_config
 
-    def preflight(*a):
-        from anygpt.align.loop import preflight
+    return load_align_config(path, overrides)
 
-        return preflight(*a)
 
-    def run(cfg, resume):
-        from anygpt.align.loop import align
+def _align_preflight(*a):
+    from anygpt.align.loop import preflight
 
-        return align(cfg, resume=resume)
+    return preflight(*a)
 
-    return train_cli.run_stage(args, load_align_config, preflight, run, lambda n, argv: spawn_ranks(n, argv))
+
+def _align(cfg, resume):
+    from anygpt.align.loop import align
+
+    return align(cfg, resume=resume)
+
+
+ALIGN_STAGE = train_cli.Stage("anygpt.align", _load_align_config, _align_preflight, _align)
+
+
+def run_align(args: argparse.Namespace) -> int:
+    return train_cli.run_stage(args, ALIGN_STAGE, lambda n, argv: spawn_ranks(n, argv))
 
 
 def align_main(argv: list[str] | None = None) -> int:

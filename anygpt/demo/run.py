@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from anygpt import modalities as registry
+from anygpt.align.cli import ALIGN_STAGE
 from anygpt.config import load_yaml
 from anygpt.decoders.train_soundstorm import train_soundstorm
 from anygpt.demo.corpus import make_corpus
@@ -54,6 +55,7 @@ from anygpt.infer.settings import GenerationConfig
 from anygpt.infer.tasks import run_tasks
 from anygpt.modalities.fit import fit_codec
 from anygpt.text_tokenizer import prepare_tokenizer, train_tiny_tokenizer
+from anygpt.train.cli import TRAIN_STAGE, Stage
 from anygpt.train.export import export_checkpoint
 from data_pipeline.options import PreprocessOptions
 from data_pipeline.runner import run_preprocess
@@ -211,21 +213,12 @@ def stage_config(out: Path, name: str, model: str, tokenizer: Path | None, codec
     return path
 
 
-def run_stage(kind: str, config: Path, settings: DemoSettings, log: Path) -> None:
+def run_stage(stage: Stage, config: Path, settings: DemoSettings, log: Path) -> None:
     """``anygpt train|align --config CONFIG --nproc N``, logged to ``log``: the stage is checked here
     (the CLI's preflight), then its DeepSpeed ranks start through torchrun directly -- a CLI process in
     between would import torch, transformers and DeepSpeed once more only to check and spawn (~4 s a
     stage on 2 cores)."""
-    from anygpt.train.cli import rank_command
-
-    if kind == "train":
-        from anygpt.config import load_train_config as load
-        from anygpt.train.preflight import preflight
-    else:
-        from anygpt.align.config import load_align_config as load
-        from anygpt.align.loop import preflight
-    preflight(load(str(config), []), settings.nproc, None)
-    cmd, env = rank_command(settings.nproc, ["--config", str(config)], module=f"anygpt.{kind}")
+    cmd, env = stage.checked_rank_command(str(config), settings.nproc)
     run_subprocess(cmd, log, env)
 
 
@@ -399,13 +392,13 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
         cfg1 = stage_config(out, "stage1", settings.model, out / "tokenizer", codecs_dir, pairs, eval_shards,
                             settings.stage1_loss,
                             settings.stage1_steps, settings, settings.lr)
-        run_stage("train", cfg1, settings, out / "logs" / "stage1.log")
+        run_stage(TRAIN_STAGE, cfg1, settings, out / "logs" / "stage1.log")
     with Step(timings, "stage2", f"instruction tuning from stage 1, {settings.stage2_steps} steps"):
         sft = [{"name": "conversations", "shards": str(shards / "train_conversations" / "*.tar"), "weight": 1.0,
                 "kind": "sft"}] + [{**p, "weight": 0.5} for p in pairs]
         cfg2 = stage_config(out, "stage2", str(out / "runs" / "stage1"), out / "tokenizer", codecs_dir, sft,
                             eval_shards, "assistant", settings.stage2_steps, settings, settings.lr / 3)
-        run_stage("train", cfg2, settings, out / "logs" / "stage2.log")
+        run_stage(TRAIN_STAGE, cfg2, settings, out / "logs" / "stage2.log")
     model_dir = out / "model"
     with Step(timings, "export", "consolidate ZeRO-3 shards into a Hugging Face model directory"):
         export_checkpoint(out / "runs" / "stage2", model_dir)
@@ -429,7 +422,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
         aligned_dir = out / "model_aligned"
         with Step(timings, "align", f"alignment from the export (launch/configs/{ALIGN_CONFIG}.yaml)"):
             cfg3 = align_config(out, model_dir, settings)
-            run_stage("align", cfg3, settings, out / "logs" / "align.log")
+            run_stage(ALIGN_STAGE, cfg3, settings, out / "logs" / "align.log")
             export_checkpoint(out / "runs" / "align", aligned_dir)
             if (model_dir / "soundstorm").is_dir():  # the acoustic decoder is not part of the LM: shared
                 shutil.copytree(model_dir / "soundstorm", aligned_dir / "soundstorm")

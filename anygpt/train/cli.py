@@ -13,7 +13,8 @@ import argparse
 import os
 import subprocess
 import sys
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 TRAIN_HELP = "train the LM with DeepSpeed (ZeRO-3 by default) from a stage YAML"
 TRAIN_DESCRIPTION = (
@@ -71,43 +72,69 @@ def spawn_ranks(nproc: int, argv: list[str], module: str = "anygpt.train") -> in
     return subprocess.call(cmd, env=env)
 
 
-def run_stage(args: argparse.Namespace, load_config: Callable, preflight: Callable, run: Callable,
-              spawn: Callable[[int, list[str]], int]) -> int:
+@dataclass(frozen=True)
+class Stage:
+    """One DeepSpeed stage (``anygpt train``, ``anygpt align``): the module each rank runs, its config
+    loader, the checks made before any rank starts, and the run itself.  The CLI and the demo start
+    stages through this, so the loader/preflight pair of a stage is chosen in one place."""
+
+    module: str
+    load_config: Callable[[str, list[str]], Any]
+    preflight: Callable[[Any, int, str | None], Any]
+    run: Callable[..., Any]
+
+    def checked_rank_command(self, config: str, nproc: int) -> tuple[list[str], dict[str, str]]:
+        """Check ``config`` as the CLI does (one error before anything starts), then the command and
+        environment that start its ``nproc`` ranks."""
+        self.preflight(self.load_config(config, []), nproc, None)
+        return rank_command(nproc, ["--config", config], self.module)
+
+
+def run_stage(args: argparse.Namespace, stage: Stage, spawn: Callable[[int, list[str]], int]) -> int:
     """The launch contract every DeepSpeed stage shares (``anygpt train``, ``anygpt align``): the YAML
-    plus overrides is loaded and checked; typed in a shell, ``preflight`` runs in this process (one
-    error line, nothing spawned) and ``--nproc N`` > 1 starts N local ranks through ``spawn``; under a
-    launcher (deepspeed, torchrun) this process is one rank and runs the stage."""
+    plus overrides is loaded and checked; typed in a shell, the stage's preflight runs in this process
+    (one error line, nothing spawned) and ``--nproc N`` > 1 starts N local ranks through ``spawn``;
+    under a launcher (deepspeed, torchrun) this process is one rank and runs the stage."""
     from anygpt.config import ConfigError
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = stage.load_config(args.config, args.overrides)
     if args.nproc < 1:
         raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
     if _is_launched():
         if args.nproc != 1:
             raise ConfigError("--nproc: already running under a launcher (deepspeed/torchrun); drop --nproc")
     else:
-        preflight(cfg, args.nproc, args.resume)
+        stage.preflight(cfg, args.nproc, args.resume)
         if args.nproc > 1:
             return spawn(args.nproc, _child_argv(args))
-    run(cfg, resume=args.resume)
+    stage.run(cfg, resume=args.resume)
     return 0
 
 
-def run_train(args: argparse.Namespace) -> int:
+# Imported when used, so `anygpt --help` stays fast; looked up at call time, so tests can replace them.
+def _load_train_config(path, overrides):
     from anygpt.config import load_train_config
 
-    def preflight(*a):  # imported when used: `anygpt --help` stays fast
-        from anygpt.train.preflight import preflight
+    return load_train_config(path, overrides)
 
-        return preflight(*a)
 
-    def run(cfg, resume):
-        from anygpt.train.loop import train
+def _train_preflight(*a):
+    from anygpt.train.preflight import preflight
 
-        return train(cfg, resume=resume)
+    return preflight(*a)
 
-    # Looked up at call time, so tests can replace spawn_ranks / train.
-    return run_stage(args, load_train_config, preflight, run, lambda n, argv: spawn_ranks(n, argv))
+
+def _train(cfg, resume):
+    from anygpt.train.loop import train
+
+    return train(cfg, resume=resume)
+
+
+TRAIN_STAGE = Stage("anygpt.train", _load_train_config, _train_preflight, _train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    return run_stage(args, TRAIN_STAGE, lambda n, argv: spawn_ranks(n, argv))
 
 
 def _guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
