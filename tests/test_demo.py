@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from anygpt import modalities as registry
@@ -147,24 +146,6 @@ def test_alignment_summary_pairs_seeds_and_compares_the_gain_with_the_spread(tmp
     wide = {0: {"text2speech": 0.3, "text2image": 0.3}, 1: {"text2speech": 0.9, "text2image": 0.9}}
     assert summarise_alignment(config, wide, {s: {k: v + 0.1 for k, v in r.items()} for s, r in wide.items()},
                                tmp_path)["beyond_spread"] is False
-
-
-def test_demo_trains_in_bf16_only_where_the_cpu_does_bf16_natively(monkeypatch, tmp_path):
-    import torch
-
-    from anygpt.demo.run import DemoSettings, stage_config, train_precision
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
-    assert train_precision() == "auto"  # emulated bf16 would be slower: fp32 (auto on a CPU)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
-    assert train_precision() == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert train_precision() == "auto"  # bf16 through the trainer's own CUDA choice
-    path = stage_config(tmp_path, "stage1", "tiny", None, tmp_path, [], "", "assistant", 10,
-                        DemoSettings(precision="bf16"), 1e-3)
-    assert yaml.safe_load(path.read_text())["optim"]["precision"] == "bf16"
 
 
 @pytest.mark.slow

@@ -61,19 +61,6 @@ from data_pipeline.options import PreprocessOptions
 from data_pipeline.runner import run_preprocess
 
 
-def train_precision() -> str:
-    """The demo's training precision: ``auto`` (bf16 on CUDA, fp32 on CPU) unless the CPU does bf16
-    arithmetic natively (AVX512-BF16 / AMX): there 100 stage-1 steps ran 1.2-1.35x as fast on 2 cores
-    with the same loss to two decimals, while CPUs without it would emulate bf16 and run slower than fp32."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "auto"
-    # torch tells the CPU's bf16 support only through these private checks; without them: fp32.
-    native = [getattr(torch.cpu, f, lambda: False) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return "bf16" if any(f() for f in native) else "auto"
-
-
 @dataclass
 class DemoSettings:
     """Sizes for one demo run (full or ``quick``)."""
@@ -103,8 +90,6 @@ class DemoSettings:
     align_steps: int | None = None
     align_seeds: int = 4
     nproc: int = 2
-    # Stage 1 and 2's optim.precision (DeepSpeed keeps fp32 master weights either way): see train_precision.
-    precision: str = field(default_factory=lambda: train_precision())
     # modality -> codec card name for modalities not using their default codec (``--codec mimi``).
     codecs: dict[str, str] = field(default_factory=dict)
 
@@ -219,7 +204,7 @@ def stage_config(out: Path, name: str, model: str, tokenizer: Path | None, codec
         "optim": {"lr": lr, "min_lr": lr / 10, "warmup_steps": min(20, steps // 5), "weight_decay": 0.0,
                   "betas": [0.9, 0.98], "grad_clip": 1.0, "micro_batch_size": settings.micro_batch_size,
                   "grad_accum": 1, "deepspeed": "ds_configs/zero3.json",
-                  "precision": settings.precision},
+                  "precision": "auto"},
     }
     path = out / "configs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -416,8 +401,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
         run_stage(TRAIN_STAGE, cfg2, settings, out / "logs" / "stage2.log")
     model_dir = out / "model"
     with Step(timings, "export", "consolidate ZeRO-3 shards into a Hugging Face model directory"):
-        # fp32 whatever the training precision: the scores and the alignment stage read the fp32 model.
-        export_checkpoint(out / "runs" / "stage2", model_dir, dtype="fp32")
+        export_checkpoint(out / "runs" / "stage2", model_dir)
     # The acoustic decoder (SoundStorm: RVQ layers 2-8 from the LM's layer 1) serves the modality whose
     # plugin takes an acoustic prompt; it trains on that modality's shards.
     acoustic = [m for m in modalities if registry.get(m).acoustic_prompt]
@@ -463,7 +447,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, nproc: int = 2
         "alignment": alignment,
         "timings": timings,
         "seconds": round(time.perf_counter() - t_start, 1),
-        "machine": {"cpus": os.cpu_count(), "train_precision": settings.precision},
+        "machine": {"cpus": os.cpu_count()},
         "quick": quick,
         "paths": {"corpus": str(corpus), "codecs": str(codecs_dir), "shards": str(shards),
                   "runs": str(out / "runs"), "model": str(model_dir), "samples": str(out / "samples")},
