@@ -395,3 +395,17 @@ def test_bench_attention_shows_the_mask_bytes_each_path_saves(tmp_path):
     for path, row in rows.items():
         trains = unavailable(path, result["device"], training=True) is None
         assert ("step_s" in row) == trains and (trains or row["step"].startswith("skipped: "))
+
+
+def test_every_stage_names_functions_that_exist():
+    # The stages name their loader, checks and run as "module:function" (imported when used): a typo
+    # there would surface only when a user starts that stage.
+    import inspect
+
+    from anygpt.align.cli import ALIGN_STAGE
+    from anygpt.train.cli import TRAIN_STAGE, _resolve
+
+    for stage in (TRAIN_STAGE, ALIGN_STAGE):
+        load, check, run = (_resolve(r) for r in (stage.load_config, stage.preflight, stage.run))
+        assert len(inspect.signature(load).parameters) >= 2 and len(inspect.signature(check).parameters) >= 3
+        assert "resume" in inspect.signature(run).parameters, stage

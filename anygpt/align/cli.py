@@ -35,25 +35,8 @@ def spawn_ranks(nproc: int, argv: list[str]) -> int:
     return train_cli.spawn_ranks(nproc, argv, module="anygpt.align")
 
 
-def _load_align_config(path, overrides):
-    from anygpt.align.config import load_align_config
-
-    return load_align_config(path, overrides)
-
-
-def _align_preflight(*a):
-    from anygpt.align.loop import preflight
-
-    return preflight(*a)
-
-
-def _align(cfg, resume):
-    from anygpt.align.loop import align
-
-    return align(cfg, resume=resume)
-
-
-ALIGN_STAGE = train_cli.Stage("anygpt.align", _load_align_config, _align_preflight, _align)
+ALIGN_STAGE = train_cli.Stage("anygpt.align", "anygpt.align.config:load_align_config", "anygpt.align.loop:preflight",
+                              "anygpt.align.loop:align")
 
 
 def run_align(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 TRAIN_HELP = "train the LM with DeepSpeed (ZeRO-3 by default) from a stage YAML"
 TRAIN_DESCRIPTION = (
@@ -72,21 +72,31 @@ def spawn_ranks(nproc: int, argv: list[str], module: str = "anygpt.train") -> in
     return subprocess.call(cmd, env=env)
 
 
+def _resolve(ref: str) -> Callable:
+    """``"package.module:function"`` -> the function, imported when first used (so ``anygpt --help``
+    stays fast) and looked up at every call (so tests can replace it)."""
+    import importlib
+
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 @dataclass(frozen=True)
 class Stage:
-    """One DeepSpeed stage (``anygpt train``, ``anygpt align``): the module each rank runs, its config
-    loader, the checks made before any rank starts, and the run itself.  The CLI and the demo start
+    """One DeepSpeed stage (``anygpt train``, ``anygpt align``): the module each rank runs, and as
+    ``module:function`` references its config loader ``(path, overrides)``, the checks made before any
+    rank starts ``(cfg, nproc, resume)`` and the run ``(cfg, resume=...)``.  The CLI and the demo start
     stages through this, so the loader/preflight pair of a stage is chosen in one place."""
 
     module: str
-    load_config: Callable[[str, list[str]], Any]
-    preflight: Callable[[Any, int, str | None], Any]
-    run: Callable[..., Any]
+    load_config: str
+    preflight: str
+    run: str
 
     def checked_rank_command(self, config: str, nproc: int) -> tuple[list[str], dict[str, str]]:
         """Check ``config`` as the CLI does (one error before anything starts), then the command and
         environment that start its ``nproc`` ranks."""
-        self.preflight(self.load_config(config, []), nproc, None)
+        _resolve(self.preflight)(_resolve(self.load_config)(config, []), nproc, None)
         return rank_command(nproc, ["--config", config], self.module)
 
 
@@ -97,40 +107,22 @@ def run_stage(args: argparse.Namespace, stage: Stage, spawn: Callable[[int, list
     under a launcher (deepspeed, torchrun) this process is one rank and runs the stage."""
     from anygpt.config import ConfigError
 
-    cfg = stage.load_config(args.config, args.overrides)
+    cfg = _resolve(stage.load_config)(args.config, args.overrides)
     if args.nproc < 1:
         raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
     if _is_launched():
         if args.nproc != 1:
             raise ConfigError("--nproc: already running under a launcher (deepspeed/torchrun); drop --nproc")
     else:
-        stage.preflight(cfg, args.nproc, args.resume)
+        _resolve(stage.preflight)(cfg, args.nproc, args.resume)
         if args.nproc > 1:
             return spawn(args.nproc, _child_argv(args))
-    stage.run(cfg, resume=args.resume)
+    _resolve(stage.run)(cfg, resume=args.resume)
     return 0
 
 
-# Imported when used, so `anygpt --help` stays fast; looked up at call time, so tests can replace them.
-def _load_train_config(path, overrides):
-    from anygpt.config import load_train_config
-
-    return load_train_config(path, overrides)
-
-
-def _train_preflight(*a):
-    from anygpt.train.preflight import preflight
-
-    return preflight(*a)
-
-
-def _train(cfg, resume):
-    from anygpt.train.loop import train
-
-    return train(cfg, resume=resume)
-
-
-TRAIN_STAGE = Stage("anygpt.train", _load_train_config, _train_preflight, _train)
+TRAIN_STAGE = Stage("anygpt.train", "anygpt.config:load_train_config", "anygpt.train.preflight:preflight",
+                    "anygpt.train.loop:train")
 
 
 def run_train(args: argparse.Namespace) -> int:
